@@ -1,0 +1,124 @@
+"""Decoding, mixing down, resampling and cutting audio into model segments.
+
+Everything the model sees passes through here: any file libsndfile reads
+(WAV, FLAC, OGG/Vorbis, Opus, MP3, AIFF, ...) becomes mono float32 at the
+model's rate, resampled with soxr's band-limited filter, then cut into
+segments of `SEGMENT_SECONDS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from .errors import AudioDecodeError
+
+SAMPLE_RATE = 16_000  # Hz, what AST was trained on
+SEGMENT_SECONDS = 10.24  # 1024 frames of 10 ms: one AST input
+SEGMENT_SAMPLES = round(SEGMENT_SECONDS * SAMPLE_RATE)  # 163840 samples
+MIN_SECONDS = 0.1  # shorter files hold too little sound to embed
+MIN_TAIL_SECONDS = 1.0  # a trailing segment shorter than this is dropped
+MAX_SECONDS = 24 * 3600.0  # a header claiming more than a day is treated as corrupt
+
+AUDIO_EXTENSIONS = frozenset(
+    ".wav .wave .flac .ogg .oga .opus .mp3 .aif .aiff .aifc .au .snd .caf .w64 .rf64 .sd2 .voc .wv".split()
+)
+
+
+@dataclass(frozen=True)
+class Audio:
+    """A decoded file: mono samples at `SAMPLE_RATE` plus what the file said of itself."""
+
+    samples: np.ndarray  # float32 [n], mono, SAMPLE_RATE
+    source_rate: int
+    channels: int
+
+    @property
+    def duration(self) -> float:
+        return len(self.samples) / SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One model input: `samples` cut from `start` seconds of a file."""
+
+    start: float
+    end: float
+    samples: np.ndarray
+
+
+def is_audio_path(path: Path) -> bool:
+    return path.suffix.lower() in AUDIO_EXTENSIONS
+
+
+def decode(path: str | Path) -> Audio:
+    """Read any file libsndfile supports into mono float32 at SAMPLE_RATE.
+
+    Raises AudioDecodeError with libsndfile's reason when the file is not
+    readable audio, so callers can record it and move on.
+    """
+    try:
+        with sf.SoundFile(str(path)) as f:
+            _check_header(f)
+            data = f.read(dtype="float32", always_2d=True)
+            rate, channels = f.samplerate, f.channels
+    except AudioDecodeError:
+        raise
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
+        raise AudioDecodeError(f"not readable audio: {_reason(e)}") from e
+    except MemoryError as e:
+        raise AudioDecodeError("header claims more audio than fits in memory") from e
+    return to_model_audio(data, rate)
+
+
+def to_model_audio(data: np.ndarray, sample_rate: int) -> Audio:
+    """Mix down [n] or [n, channels] samples and resample them to SAMPLE_RATE."""
+    data = np.asarray(data, dtype=np.float32)
+    channels = 1 if data.ndim == 1 else data.shape[1]
+    mono = data if data.ndim == 1 else data.mean(axis=1, dtype=np.float32)
+    if not np.isfinite(mono).all():
+        raise AudioDecodeError("audio holds NaN or infinite samples")
+    return Audio(resample(mono, sample_rate), sample_rate, channels)
+
+
+def resample(samples: np.ndarray, rate: int) -> np.ndarray:
+    if rate == SAMPLE_RATE or len(samples) == 0:
+        return np.ascontiguousarray(samples, dtype=np.float32)
+    return soxr.resample(samples, rate, SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
+
+
+def segment(samples: np.ndarray, hop_seconds: float = SEGMENT_SECONDS) -> list[Segment]:
+    """Cut a mono signal into SEGMENT_SECONDS windows every `hop_seconds`.
+
+    A clip shorter than one segment is one (short) segment: the features pad
+    it the way AST expects. A trailing window shorter than MIN_TAIL_SECONDS
+    after a full one is dropped: it is mostly padding and its audio was heard
+    by the window before when hop < segment length.
+    """
+    hop = max(1, round(hop_seconds * SAMPLE_RATE))
+    n = len(samples)
+    out = []
+    for begin in range(0, max(n, 1), hop):
+        end = min(begin + SEGMENT_SAMPLES, n)
+        if begin > 0 and end - begin < MIN_TAIL_SECONDS * SAMPLE_RATE:
+            break
+        out.append(Segment(begin / SAMPLE_RATE, end / SAMPLE_RATE, samples[begin:end]))
+        if end == n:
+            break
+    return out
+
+
+def _check_header(f: sf.SoundFile) -> None:
+    if f.samplerate <= 0 or f.channels <= 0:
+        raise AudioDecodeError(f"absurd header: {f.samplerate} Hz, {f.channels} channels")
+    if f.frames < 0 or f.frames / f.samplerate > MAX_SECONDS:
+        raise AudioDecodeError(f"absurd header: claims {f.frames} frames at {f.samplerate} Hz")
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[-1] if text else type(e).__name__

@@ -1,0 +1,164 @@
+"""The command line: parse options, call one library function, render the result.
+
+Every expected failure is an AudiosearchError and becomes one line on stderr
+with exit code 1; no SQL, FAISS or torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import AudiosearchError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Find audio by how it sounds: AST embeddings and AudioSet labels, SQLite + FAISS.",
+)
+out = Console()
+err = Console(stderr=True)
+
+IndexOpt = Annotated[
+    Path, typer.Option("--index", envvar="AUDIOSEARCH_INDEX", help="Index directory (env: AUDIOSEARCH_INDEX).")
+]
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", help="Hugging Face id or local checkpoint directory [default: the index's model, "
+                 "else MIT/ast-finetuned-audioset-10-10-0.4593]."),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16.")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Segments per model batch.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+DEFAULT_INDEX = Path("indexes/default")
+
+
+def friendly(fn):
+    """Turn expected failures into one line and exit code 1."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AudiosearchError as e:
+            err.print(f"[bold red]Error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            err.print("Interrupted; committed work is kept and the next run resumes from there.")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+@app.command()
+@friendly
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="Audio files or folders (searched recursively).")],
+    index: IndexOpt = DEFAULT_INDEX,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    batch_size: BatchOpt = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding processes.")] = None,
+    hop: Annotated[Optional[float], typer.Option(help="Seconds between segment starts [default: 10.24].")] = None,
+    prune: Annotated[bool, typer.Option(help="Forget indexed files that are gone from these folders.")] = True,
+    retry_failed: Annotated[bool, typer.Option(help="Try again files that failed before.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Embed new and changed audio under PATHS into the index.
+
+    \b
+    Example:
+        audiosearch ingest ./library --index indexes/sfx
+    """
+    from .ingest import ingest as run_ingest
+    from .render import IngestBar, print_summary, summary_dict
+
+    with IngestBar(out, enabled=not as_json) as bar:
+        summary = run_ingest(
+            paths, index_dir=index, model=model, device=device, precision=precision, batch_size=batch_size,
+            workers=workers, hop_seconds=hop, prune=prune, retry_failed=retry_failed, progress=bar,
+        )
+    if as_json:
+        print(json.dumps(summary_dict(summary)))
+    else:
+        print_summary(out, summary)
+
+
+@app.command()
+@friendly
+def query(
+    clip: Annotated[Path, typer.Argument(help="An audio clip.")],
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of results.")] = 10,
+    label: Annotated[Optional[list[str]], typer.Option("--label", help="Keep items with this label (repeatable).")] = None,
+    no_filter: Annotated[bool, typer.Option("--no-filter", help="Do not filter by label.")] = False,
+    segments: Annotated[bool, typer.Option("--segments", help="List segment hits, not one row per file.")] = False,
+    explain: Annotated[bool, typer.Option("--explain", help="Show the search plan and timings.")] = False,
+    index: IndexOpt = DEFAULT_INDEX,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Find the library items that sound most like CLIP.
+
+    \b
+    Example:
+        audiosearch query door_slam.wav -k 5 --label "Door"
+    """
+    from .query import query as run_query
+    from .render import print_explain, print_hits
+
+    result = run_query(
+        clip, index_dir=index, k=k, labels=label, filter=not no_filter, per_file=not segments,
+        model=model, device=device, precision=precision,
+    )
+    if as_json:
+        print(json.dumps([hit.to_dict() for hit in result.hits], ensure_ascii=False))
+    else:
+        print_hits(out, result)
+    if explain:
+        print_explain(err if as_json else out, result)
+
+
+@app.command()
+@friendly
+def info(
+    index: IndexOpt = DEFAULT_INDEX,
+    errors: Annotated[bool, typer.Option("--errors", help="List files that failed or were skipped.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show what an index holds."""
+    from .collection import collection_info
+    from .render import print_info
+
+    data = collection_info(index, errors=errors)
+    if as_json:
+        print(json.dumps(data, ensure_ascii=False))
+    else:
+        print_info(out, data)
+
+
+@app.command()
+@friendly
+def labels(index: IndexOpt = DEFAULT_INDEX, as_json: JsonOpt = False) -> None:
+    """List predicted labels with the number of segments carrying each."""
+    from .collection import label_counts
+
+    counts = label_counts(index)
+    if as_json:
+        print(json.dumps([{"label": name, "segments": n} for name, n in counts], ensure_ascii=False))
+        return
+    table = Table("label", "segments")
+    for name, n in counts:
+        table.add_row(name, str(n))
+    out.print(table)
+
+

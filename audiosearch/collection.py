@@ -1,0 +1,179 @@
+"""An index directory: the SQLite store, the FAISS file derived from it, and the model that built them.
+
+Readers and the single writer meet here. The writer (ingest, doctor --repair)
+holds an exclusive lock and saves the FAISS file atomically, then records the
+store generation it reflects. A reader trusts the file only when that
+generation is current; otherwise it brings a copy up to date from SQLite in
+memory, so a query always sees the last committed state, even mid-ingest or
+after a crash.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .audio import SAMPLE_RATE, SEGMENT_SECONDS
+from .errors import IndexLocked, ModelMismatch
+from .index import IndexCorrupt, IndexOptions, SyncReport, VectorIndex, sync_index
+from .model import Model, fingerprint
+from .store import Store
+
+INDEX_FILE = "vectors.faiss"
+LOCK_FILE = "write.lock"
+SCHEMA_VERSION = 1
+
+
+class Collection:
+    """One index directory. Open one per thread."""
+
+    def __init__(self, index_dir: str | Path, *, create: bool = False):
+        self.dir = Path(index_dir)
+        self.store = Store(self.dir, create=create)
+        self.index_path = self.dir / INDEX_FILE
+        self._lock_fd: int | None = None
+
+    def close(self) -> None:
+        self.store.close()
+
+    @property
+    def meta(self) -> dict[str, str]:
+        return self.store.get_meta()
+
+    @property
+    def model_name(self) -> str | None:
+        return self.meta.get("model")
+
+    # -- the model an index is bound to ---------------------------------
+    def bind_model(self, model: Model, *, hop_seconds: float) -> None:
+        """Record the model on first use; refuse a different one afterwards."""
+        meta = self.meta
+        if "fingerprint" not in meta:
+            f = model.features
+            self.store.ensure_labels(model.id2label)
+            self.store.set_meta(
+                {
+                    "schema_version": SCHEMA_VERSION, "model": model.name, "fingerprint": fingerprint(model),
+                    "dim": model.dim, "sample_rate": SAMPLE_RATE, "segment_seconds": SEGMENT_SECONDS,
+                    "hop_seconds": hop_seconds, "num_mel_bins": f.num_mel_bins, "max_length": f.max_length,
+                    "mean": f.mean, "std": f.std,
+                }
+            )
+            return
+        self.check_model(model)
+
+    def check_model(self, model: Model) -> None:
+        meta = self.meta
+        if meta.get("fingerprint") not in (None, fingerprint(model)):
+            raise ModelMismatch(
+                f"index {self.dir} was built with model {meta.get('model')!r}, not {model.name!r}; "
+                "use that model (omit --model) or another --index"
+            )
+
+    # -- the FAISS file ---------------------------------------------------
+    def load_index(self) -> tuple[VectorIndex, SyncReport | None]:
+        """The index as of the last commit; repaired from SQLite (in memory) when stale or damaged."""
+        meta = self.meta
+        index = self._read_index()
+        if index is not None and meta.get("index_generation") == meta.get("generation", "0"):
+            return index, None
+        index, report = sync_index(index, self.store, self.index_options())
+        held = self._lock_fd is not None
+        if held or self._try_lock():
+            try:
+                self._save(index, meta.get("generation", "0"))
+            finally:
+                if not held:
+                    self.unlock()
+        return index, report
+
+    def refresh_index(self, index: VectorIndex | None = None) -> tuple[VectorIndex, SyncReport]:
+        """Writer only: bring the FAISS file up to date with SQLite and save it atomically."""
+        generation = self.meta.get("generation", "0")
+        index, report = sync_index(index if index is not None else self._read_index(), self.store, self.index_options())
+        self._save(index, generation)
+        return index, report
+
+    def index_options(self) -> IndexOptions:
+        budget = os.environ.get("AUDIOSEARCH_MEMORY_BUDGET")
+        return IndexOptions(memory_budget_bytes=int(budget)) if budget else IndexOptions()
+
+    def _read_index(self) -> VectorIndex | None:
+        if not self.index_path.exists():
+            return None
+        try:
+            return VectorIndex.load(self.index_path)
+        except IndexCorrupt:
+            return None
+
+    def _save(self, index: VectorIndex, generation: str) -> None:
+        index.save(self.index_path)
+        self.store.set_meta({"index_generation": generation})
+
+    # -- the single-writer lock -------------------------------------------
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the index's write lock, or fail at once with a clear message."""
+        if not self._try_lock():
+            raise IndexLocked(f"another audiosearch process is writing to {self.dir}; wait for it to finish")
+        try:
+            yield
+        finally:
+            self.unlock()
+
+    def _try_lock(self) -> bool:
+        if self._lock_fd is not None:
+            return True
+        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def collection_info(index_dir: str | Path, *, errors: bool = False) -> dict:
+    """What an index holds, for `audiosearch info` (read-only)."""
+    collection = Collection(index_dir)
+    try:
+        meta, store = collection.meta, collection.store
+        stats = store.stats()
+        index = collection._read_index()
+        info = {
+            "index": str(collection.dir.resolve()),
+            "model": meta.get("model"),
+            "files": stats["files"],
+            "segments": stats["segments"],
+            "hours": round(stats["hours"], 4),
+            "hop_seconds": float(meta.get("hop_seconds", SEGMENT_SECONDS)),
+            "vector_index": index.describe() if index else None,
+            "index_current": meta.get("index_generation") == meta.get("generation", "0"),
+            "size_bytes": sum(p.stat().st_size for p in collection.dir.iterdir() if p.is_file()),
+        }
+        if errors:
+            info["errors"] = [
+                {"path": r.path, "status": r.status, "error": r.error} for r in store.files() if r.status != "ok"
+            ]
+        return info
+    finally:
+        collection.close()
+
+
+def label_counts(index_dir: str | Path) -> list[tuple[str, int]]:
+    """Predicted labels with the number of segments carrying each, most common first."""
+    collection = Collection(index_dir)
+    try:
+        return collection.store.label_counts()
+    finally:
+        collection.close()

@@ -1,0 +1,202 @@
+"""Decoding in worker processes, isolated so that one bad file cannot end a run.
+
+libsndfile and its codecs can crash natively on malformed files. Each worker
+decodes one file at a time over its own pipe, so when a worker dies the pool
+knows exactly which file killed it, reports that file as failed, and starts a
+new worker. A background thread keeps the workers busy and fills a bounded
+queue, so decoding runs while the model computes. Workers are forked on Linux
+(as torch's DataLoader does): they never touch torch or CUDA, and a script
+using the API needs no `if __name__ == "__main__"` guard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+from .audio import Audio, decode
+from .errors import AudiosearchError
+
+DECODE_TIMEOUT = 600.0  # seconds one file may take before its worker is killed
+_DONE = object()
+
+
+@dataclass
+class Decoded:
+    """The outcome for one file: audio or an error, never both."""
+
+    key: object  # the caller's handle for the file
+    path: str
+    audio: Audio | None = None
+    hash: str | None = None
+    error: str | None = None
+
+
+def content_hash(path: str | Path) -> str:
+    """BLAKE2b-128 of the file's bytes: identifies content across renames."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def decode_one(key: object, path: str, with_hash: bool) -> Decoded:
+    """Decode a file, turning every expected failure into `Decoded.error`."""
+    try:
+        digest = content_hash(path) if with_hash else None
+        return Decoded(key, path, decode(path), digest)
+    except AudiosearchError as e:
+        return Decoded(key, path, error=str(e))
+    except OSError as e:
+        return Decoded(key, path, error=f"cannot read file: {e.strerror or e}")
+
+
+def _worker(conn: Connection, with_hash: bool) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        conn.send(decode_one(*task, with_hash))
+
+
+class DecodePool:
+    """Decode files in `workers` processes (0: in this process), yielding results as they finish."""
+
+    def __init__(self, workers: int, *, with_hash: bool = False, prefetch: int = 8):
+        self.workers, self.with_hash, self.prefetch = workers, with_hash, prefetch
+
+    def map(self, tasks: Iterable[tuple[object, str]]) -> Iterator[Decoded]:
+        """Yield one Decoded per (key, path) task, in completion order."""
+        if self.workers <= 0:
+            for key, path in tasks:
+                yield decode_one(key, path, self.with_hash)
+            return
+        out: queue.Queue = queue.Queue(maxsize=max(self.prefetch, self.workers))
+        stop = threading.Event()
+        runner = threading.Thread(target=self._run, args=(iter(tasks), out, stop), daemon=True)
+        runner.start()
+        try:
+            while (item := out.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            runner.join()
+
+    def _run(self, tasks: Iterator[tuple[object, str]], out: queue.Queue, stop: threading.Event) -> None:
+        ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+        slots = [_Slot(ctx, self.with_hash) for _ in range(self.workers)]
+        try:
+            self._loop(slots, tasks, out, stop)
+            out.put(_DONE)
+        except BaseException as e:  # hand any failure to the consuming thread
+            out.put(e)
+        finally:
+            for slot in slots:
+                slot.close()
+
+    def _loop(self, slots: list[_Slot], tasks: Iterator, out: queue.Queue, stop: threading.Event) -> None:
+        exhausted = False
+        while not stop.is_set():
+            for slot in slots:
+                if slot.task is None and not exhausted:
+                    task = next(tasks, None)
+                    exhausted = task is None
+                    if task is not None:
+                        slot.submit(task)
+            busy = [s for s in slots if s.task is not None]
+            if not busy:
+                return
+            ready = wait([s.conn for s in busy], timeout=0.5)
+            for slot in busy:
+                result = slot.collect(slot.conn in ready)
+                if result is not None:
+                    _put(out, result, stop)
+
+
+class _Slot:
+    """One worker process and the task it holds."""
+
+    def __init__(self, ctx, with_hash: bool):
+        self.ctx, self.with_hash = ctx, with_hash
+        self.task: tuple[object, str] | None = None
+        self.started = 0.0
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self.conn, child = self.ctx.Pipe()
+        self.proc = self.ctx.Process(target=_worker, args=(child, self.with_hash), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def submit(self, task: tuple[object, str]) -> None:
+        self.task, self.started = task, time.monotonic()
+        self.conn.send(task)
+
+    def collect(self, readable: bool) -> Decoded | None:
+        """The finished result, a failure if the worker died or hung, else None."""
+        if readable:
+            try:
+                result = self.conn.recv()
+                self.task = None
+                return result
+            except (EOFError, OSError):
+                return self._replace(f"decoder crashed ({_exit_reason(self.proc)})")
+        if not self.proc.is_alive():
+            return self._replace(f"decoder crashed ({_exit_reason(self.proc)})")
+        if time.monotonic() - self.started > DECODE_TIMEOUT:
+            self.proc.kill()
+            return self._replace(f"decoding took longer than {DECODE_TIMEOUT:.0f} s")
+        return None
+
+    def _replace(self, error: str) -> Decoded:
+        key, path = self.task
+        self.task = None
+        self.proc.join(timeout=5)
+        self.conn.close()
+        self._spawn()
+        return Decoded(key, path, error=error)
+
+    def close(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.proc.join(timeout=2)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
+
+
+def _exit_reason(proc) -> str:
+    proc.join(timeout=1)
+    code = proc.exitcode
+    if code is not None and code < 0:
+        return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _put(out: queue.Queue, item: object, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.5)
+            return
+        except queue.Full:
+            continue
+

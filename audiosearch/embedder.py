@@ -1,0 +1,175 @@
+"""Files in, AST embeddings out: the one pipeline behind `ingest`, `embed` and the Python API.
+
+Worker processes decode and resample (decode_pool); this process cuts
+segments, packs them into fixed-size batches across file boundaries, and runs
+features + model on the model's device. Files come out as soon as their last
+segment has been through the model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio import MIN_SECONDS, SEGMENT_SAMPLES, SEGMENT_SECONDS, Audio, Segment, segment, to_model_audio
+from .decode_pool import Decoded, DecodePool
+from .model import DEFAULT_MODEL, Model
+
+
+@dataclass
+class SegmentEmbedding:
+    """One segment's features: its time range in the file and what the model said."""
+
+    start: float
+    end: float
+    embedding: np.ndarray  # float32 [D], unit norm
+    scores: np.ndarray  # float32 [labels], sigmoid
+    tokens: np.ndarray | None = None  # float32 [T', F', D] when asked for
+
+
+@dataclass
+class FileEmbedding:
+    """A file's segments, or why it has none (`status` is ok, failed or skipped)."""
+
+    key: object
+    path: str
+    status: str
+    error: str | None = None
+    segments: list[SegmentEmbedding] = field(default_factory=list)
+    duration: float | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+    hash: str | None = None
+
+
+def default_batch_size(device: torch.device) -> int:
+    return 64 if device.type == "cuda" else 8
+
+
+def default_workers(device: torch.device) -> int:
+    """Decoding is cheap next to AST on a CPU; a GPU needs many decoders to stay fed."""
+    cores = os.cpu_count() or 1
+    return max(1, cores - 1) if device.type == "cuda" else 1
+
+
+class Embedder:
+    """Embed files or waveforms with an AST checkpoint, in batches, on the best device.
+
+    Example::
+
+        from audiosearch import Embedder
+        emb = Embedder(model="path/to/checkpoint", device="auto")
+        for f in emb.embed_files(["a.wav", "b.flac"]):
+            print(f.path, [(s.start, s.end, s.embedding.shape) for s in f.segments])
+    """
+
+    def __init__(
+        self,
+        model: str | Model = DEFAULT_MODEL,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        batch_size: int | None = None,
+        workers: int | None = None,
+        hop_seconds: float = SEGMENT_SECONDS,
+        tokens: bool = False,
+    ):
+        self.model = model if isinstance(model, Model) else Model(model, device=device, precision=precision)
+        self.batch_size = batch_size or default_batch_size(self.model.device)
+        self.workers = default_workers(self.model.device) if workers is None else workers
+        self.hop_seconds = hop_seconds
+        self.tokens = tokens
+        pin = self.model.device.type == "cuda"
+        self._buffer = torch.zeros(self.batch_size, SEGMENT_SAMPLES, pin_memory=pin)
+
+    def embed_files(self, paths: Iterable[str | Path]) -> Iterator[FileEmbedding]:
+        """Yield one FileEmbedding per path, in completion order; bad files come back with an error."""
+        return self.run((str(p), str(p)) for p in paths)
+
+    def embed_waveform(self, samples: np.ndarray, sample_rate: int) -> list[SegmentEmbedding]:
+        """Embed an in-memory signal ([n] or [n, channels]) at any sample rate."""
+        return self.embed_audio(to_model_audio(samples, sample_rate))
+
+    def embed_audio(self, audio: Audio) -> list[SegmentEmbedding]:
+        job = _Job(Decoded(None, "<memory>", audio), segment(audio.samples, self.hop_seconds))
+        for _ in self._run_batches([(job, i, s) for i, s in enumerate(job.pieces)]):
+            pass
+        return job.result.segments
+
+    def run(self, tasks: Iterable[tuple[object, str]], *, with_hash: bool = False) -> Iterator[FileEmbedding]:
+        """Embed (key, path) tasks; the key comes back on each FileEmbedding."""
+        pending: list[tuple[_Job, int, Segment]] = []
+        for decoded in DecodePool(self.workers, with_hash=with_hash).map(tasks):
+            job = self._job(decoded)
+            if job.done:
+                yield job.result
+                continue
+            pending.extend((job, i, s) for i, s in enumerate(job.pieces))
+            while len(pending) >= self.batch_size:
+                batch, pending = pending[: self.batch_size], pending[self.batch_size :]
+                yield from self._run_batches(batch)
+        yield from self._run_batches(pending)
+
+    def _job(self, decoded: Decoded) -> _Job:
+        if decoded.audio is None:
+            return _Job(decoded, [], status="failed", error=decoded.error)
+        if decoded.audio.duration < MIN_SECONDS:
+            error = f"too short to embed ({decoded.audio.duration:.3f} s < {MIN_SECONDS} s)"
+            return _Job(decoded, [], status="skipped", error=error)
+        return _Job(decoded, segment(decoded.audio.samples, self.hop_seconds))
+
+    def _run_batches(self, items: list[tuple[_Job, int, Segment]]) -> Iterator[FileEmbedding]:
+        for start in range(0, len(items), self.batch_size):
+            batch = items[start : start + self.batch_size]
+            out = self._forward([seg for _, _, seg in batch])
+            for row, (job, index, seg) in enumerate(batch):
+                tokens = out.tokens[row].numpy() if out.tokens is not None else None
+                emb = SegmentEmbedding(seg.start, seg.end, out.embeddings[row].numpy(), out.scores[row].numpy(), tokens)
+                if job.fill(index, emb):
+                    yield job.result
+
+    def _forward(self, segments: list[Segment]):
+        n = len(segments)
+        waves = self._buffer[:n]
+        waves.zero_()
+        lengths = torch.tensor([len(s.samples) for s in segments], dtype=torch.int64)
+        for row, seg in enumerate(segments):
+            waves[row, : len(seg.samples)] = torch.from_numpy(seg.samples)
+        return self.model(waves, lengths, tokens=self.tokens)
+
+
+class _Job:
+    """A file on its way through the model: collects segment results until all are in."""
+
+    def __init__(self, decoded: Decoded, pieces: list[Segment], status: str = "ok", error: str | None = None):
+        audio = decoded.audio
+        self.pieces = pieces
+        self.slots: list[SegmentEmbedding | None] = [None] * len(pieces)
+        self.remaining = len(pieces)
+        self.result = FileEmbedding(
+            key=decoded.key,
+            path=decoded.path,
+            status=status,
+            error=error,
+            duration=audio.duration if audio else None,
+            sample_rate=audio.source_rate if audio else None,
+            channels=audio.channels if audio else None,
+            hash=decoded.hash,
+        )
+
+    @property
+    def done(self) -> bool:
+        return self.remaining == 0
+
+    def fill(self, index: int, emb: SegmentEmbedding) -> bool:
+        """Store one segment's result; True when the file is complete."""
+        self.slots[index] = emb
+        self.remaining -= 1
+        if self.done:
+            self.result.segments = list(self.slots)
+        return self.done

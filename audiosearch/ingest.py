@@ -1,0 +1,341 @@
+"""`audiosearch ingest`: bring an index up to date with folders of audio.
+
+Only new and changed files are embedded (size + mtime, confirmed by content
+hash); a renamed file with the same bytes is a move; files gone from the
+folders are pruned. Results are committed to SQLite file by file in
+transactions, so a run killed at any moment loses at most the files in
+flight, and the next run picks up where it stopped. The FAISS file is
+refreshed from SQLite at checkpoints and at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from .audio import SEGMENT_SECONDS, is_audio_path
+from .collection import Collection
+from .decode_pool import content_hash
+from .embedder import Embedder, FileEmbedding
+from .errors import AudiosearchError, NoAudioFiles
+from .index import SyncReport
+from .model import DEFAULT_MODEL, Model
+from .store import FileRow, SegmentResult
+
+COMMIT_SECONDS = 1.0  # longest a finished file waits before its transaction commits
+CHECKPOINT_SECONDS = 60.0  # how often the FAISS file catches up during a long run
+
+
+@dataclass(frozen=True)
+class DiskFile:
+    path: str
+    size: int
+    mtime: float
+
+
+@dataclass
+class IngestSummary:
+    """What a run did, for the closing report."""
+
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    moved: int = 0
+    removed: int = 0
+    ignored: int = 0
+    segments: int = 0
+    audio_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    index: SyncReport | None = None
+    pruned: bool = True
+
+    @property
+    def segments_per_second(self) -> float:
+        return self.segments / self.wall_seconds if self.wall_seconds else 0.0
+
+
+class Progress(Protocol):
+    def start(self, files: int) -> None: ...
+    def update(self, result: FileEmbedding) -> None: ...
+
+
+@dataclass
+class _Plan:
+    embed: list[DiskFile] = field(default_factory=list)
+    moves: list[tuple[str, DiskFile]] = field(default_factory=list)
+    touches: list[DiskFile] = field(default_factory=list)
+    remove: list[str] = field(default_factory=list)
+    unchanged: int = 0
+
+
+def ingest(
+    paths: Iterable[str | Path],
+    *,
+    index_dir: str | Path,
+    model: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    hop_seconds: float | None = None,
+    prune: bool = True,
+    retry_failed: bool = False,
+    progress: Progress | None = None,
+) -> IngestSummary:
+    """Embed what is new or changed under `paths` into the index at `index_dir`."""
+    started = time.perf_counter()
+    roots = [Path(os.path.abspath(p)) for p in paths]
+    disk, ignored = scan(roots)
+    collection = Collection(index_dir, create=True)
+    try:
+        with collection.writing():
+            summary = _ingest_locked(
+                collection, roots, disk, model=model, device=device, precision=precision, batch_size=batch_size,
+                workers=workers, hop_seconds=hop_seconds, prune=prune, retry_failed=retry_failed, progress=progress,
+            )
+    finally:
+        collection.close()
+    summary.ignored = ignored
+    summary.wall_seconds = time.perf_counter() - started
+    return summary
+
+
+def _ingest_locked(collection: Collection, roots: list[Path], disk: list[DiskFile], *, model, device, precision,
+                   batch_size, workers, hop_seconds, prune, retry_failed, progress) -> IngestSummary:
+    store = collection.store
+    plan = plan_changes(store.files(), disk, roots, prune=prune, retry_failed=retry_failed)
+    summary = IngestSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.remove), pruned=prune)
+    with store.transaction():
+        store.delete_files(plan.remove)
+        for old, new in plan.moves:
+            store.move_file(old, _row(new))
+        for f in plan.touches:
+            store.touch_file(f.path, f.size, f.mtime)
+    if plan.embed:
+        hop = hop_seconds or float(collection.meta.get("hop_seconds", SEGMENT_SECONDS))
+        net = Model(model or collection.model_name or DEFAULT_MODEL, device=device, precision=precision)
+        collection.bind_model(net, hop_seconds=hop)
+        embedder = Embedder(net, batch_size=batch_size, workers=workers, hop_seconds=hop)
+        _embed(collection, embedder, plan.embed, summary, progress)
+    elif model:
+        collection.bind_model(Model(model, device=device, precision=precision), hop_seconds=hop_seconds or SEGMENT_SECONDS)
+    _, summary.index = collection.refresh_index()
+    return summary
+
+
+def scan(roots: list[Path]) -> tuple[list[DiskFile], int]:
+    """Audio files under the given files and folders (symlinks followed, loops cut), and how many others were ignored."""
+    found: dict[str, DiskFile] = {}
+    ignored = 0
+    for root in roots:
+        if not root.exists():
+            raise AudiosearchError(f"no such file or folder: {root}")
+        for path in _walk(root):
+            if not is_audio_path(Path(path)):
+                ignored += 1
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            found[path] = DiskFile(path, st.st_size, st.st_mtime)
+    if not found:
+        where = ", ".join(str(r) for r in roots)
+        raise NoAudioFiles(f"no audio files found in {where} (looked for {', '.join(_shown_extensions())})")
+    return sorted(found.values(), key=lambda f: f.path), ignored
+
+
+def _walk(root: Path) -> Iterable[str]:
+    if root.is_file():
+        yield str(root)
+        return
+    seen: set[tuple[int, int]] = set()
+    stack = [str(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    stack.append(entry.path)
+                elif entry.is_file():
+                    yield entry.path
+            except OSError:
+                continue
+
+
+def plan_changes(known: list[FileRow], disk: list[DiskFile], roots: list[Path], *, prune: bool,
+                 retry_failed: bool) -> _Plan:
+    """Sort files into embed / move / touch / remove / unchanged."""
+    plan = _Plan()
+    by_path = {row.path: row for row in known}
+    on_disk = {f.path for f in disk}
+    vanished = [r for r in known if _under(r.path, roots) and r.path not in on_disk]
+    vanished_by_size: dict[int, list[FileRow]] = {}
+    for row in vanished:
+        if row.status == "ok":
+            vanished_by_size.setdefault(row.size, []).append(row)
+    moved_from: set[str] = set()
+    for f in disk:
+        row = by_path.get(f.path)
+        if row and row.size == f.size and row.mtime == f.mtime and (row.status == "ok" or not retry_failed):
+            plan.unchanged += 1
+        elif row and row.status == "ok" and row.size == f.size and _same_content(f.path, row.hash):
+            plan.touches.append(f)
+            plan.unchanged += 1
+        elif (source := _moved_from(f, vanished_by_size, moved_from)) is not None:
+            plan.moves.append((source, f))
+        else:
+            plan.embed.append(f)
+    if prune:
+        plan.remove = [r.path for r in vanished if r.path not in moved_from]
+    return plan
+
+
+def _moved_from(f: DiskFile, vanished_by_size: dict[int, list[FileRow]], taken: set[str]) -> str | None:
+    candidates = [r for r in vanished_by_size.get(f.size, []) if r.path not in taken]
+    if not candidates:
+        return None
+    digest = _hash_or_none(f.path)
+    for row in candidates:
+        if row.hash == digest:
+            taken.add(row.path)
+            return row.path
+    return None
+
+
+def _same_content(path: str, digest: str | None) -> bool:
+    return digest is not None and _hash_or_none(path) == digest
+
+
+def _hash_or_none(path: str) -> str | None:
+    try:
+        return content_hash(path)
+    except OSError:
+        return None
+
+
+def _under(path: str, roots: list[Path]) -> bool:
+    return any(path == str(r) or path.startswith(str(r).rstrip(os.sep) + os.sep) for r in roots)
+
+
+def _embed(collection: Collection, embedder: Embedder, files: list[DiskFile], summary: IngestSummary,
+           progress: Progress | None) -> None:
+    known = {row.path for row in collection.store.files()}
+    if progress:
+        progress.start(len(files))
+    writer = _Writer(collection.dir)
+    writer.start()
+    try:
+        for result in embedder.run(((f, f.path) for f in files), with_hash=True):
+            writer.put(result)
+            _count(summary, result, result.path in known)
+            if progress:
+                progress.update(result)
+    finally:
+        writer.finish()
+
+
+def _count(summary: IngestSummary, result: FileEmbedding, known: bool) -> None:
+    if result.status == "failed":
+        summary.failed.append((result.path, result.error or "unknown error"))
+    elif result.status == "skipped":
+        summary.skipped.append((result.path, result.error or ""))
+    else:
+        summary.updated += known
+        summary.added += not known
+        summary.segments += len(result.segments)
+        summary.audio_seconds += result.duration or 0.0
+
+
+def _row(f: DiskFile, result: FileEmbedding | None = None) -> dict:
+    row = {"path": f.path, "size": f.size, "mtime": f.mtime}
+    if result is not None:
+        row.update(
+            hash=result.hash, duration=result.duration, sample_rate=result.sample_rate, channels=result.channels,
+            status=result.status, error=result.error,
+        )
+    return row
+
+
+class _Writer(threading.Thread):
+    """Commits finished files to SQLite off the model's thread, and checkpoints the FAISS file."""
+
+    def __init__(self, index_dir: Path):
+        super().__init__(name="audiosearch-writer", daemon=True)
+        self.index_dir = index_dir
+        self.queue: queue.Queue = queue.Queue(maxsize=256)
+        self.error: BaseException | None = None
+
+    def put(self, result: FileEmbedding) -> None:
+        if self.error:
+            raise self.error
+        self.queue.put(result)
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.join()
+        if self.error:
+            raise self.error
+
+    def run(self) -> None:
+        collection = Collection(self.index_dir)
+        try:
+            self._loop(collection)
+        except BaseException as e:
+            self.error = e
+            while self.queue.get() is not None:
+                pass
+        finally:
+            collection.close()
+
+    def _loop(self, collection: Collection) -> None:
+        last_checkpoint = time.monotonic()
+        index = None
+        done = False
+        while not done:
+            batch, done = self._drain()
+            if batch:
+                with collection.store.transaction():
+                    for result in batch:
+                        collection.store.write_file(_row(result.key, result), _segments(result))
+            if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
+                index, _ = collection.refresh_index(index)
+                last_checkpoint = time.monotonic()
+
+    def _drain(self) -> tuple[list[FileEmbedding], bool]:
+        """Files that finished within COMMIT_SECONDS; True once the run is over."""
+        batch: list[FileEmbedding] = []
+        deadline = time.monotonic() + COMMIT_SECONDS
+        while (wait := deadline - time.monotonic()) > 0:
+            try:
+                item = self.queue.get(timeout=wait)
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+
+def _segments(result: FileEmbedding) -> list[SegmentResult]:
+    return [SegmentResult(s.start, s.end, s.embedding, s.scores) for s in result.segments]
+
+
+def _shown_extensions() -> list[str]:
+    return [".wav", ".flac", ".ogg", ".opus", ".mp3", ".aiff", "..."]

@@ -1,0 +1,186 @@
+"""`audiosearch query`: embed a clip, predict its labels, and find what sounds like it.
+
+By default results are filtered by the clip's top predicted label and ranked
+per file by the file's best segment; the search itself (exact or IVF, with or
+without a label selector) is planned in `search.py`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .audio import decode
+from .collection import Collection
+from .embedder import Embedder, SegmentEmbedding
+from .errors import AudioDecodeError, UnknownLabel
+from .model import DEFAULT_MODEL, Model
+from .search import Plan, search
+from .store import TOP_LABELS
+
+
+@dataclass
+class Hit:
+    """One result: a file and its best-matching segment."""
+
+    rank: int
+    similarity: float
+    path: str
+    start: float
+    end: float
+    labels: list[tuple[str, float]]
+    segment_id: int
+
+    def to_dict(self) -> dict:
+        return {
+            "rank": self.rank, "similarity": round(self.similarity, 6), "path": self.path,
+            "start": round(self.start, 3), "end": round(self.end, 3),
+            "labels": [{"label": name, "score": round(score, 4)} for name, score in self.labels],
+            "segment_id": self.segment_id,
+        }
+
+
+@dataclass
+class QueryResult:
+    hits: list[Hit]
+    query_labels: list[tuple[str, float]]  # the clip's own top predictions
+    filter_labels: list[str]  # empty when unfiltered
+    matching: int | None  # segments carrying a filter label
+    plans: list[Plan] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def query(
+    clip: str | Path,
+    *,
+    index_dir: str | Path,
+    k: int = 10,
+    labels: list[str] | None = None,
+    filter: bool = True,
+    per_file: bool = True,
+    model: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+) -> QueryResult:
+    """The k library items nearest to `clip`, filtered by label (see module doc)."""
+    watch = _Stopwatch()
+    if not Path(clip).is_file():
+        raise AudioDecodeError(f"no such file: {clip}")
+    collection = Collection(index_dir)
+    try:
+        net = Model(model or collection.model_name or DEFAULT_MODEL, device=device, precision=precision)
+        collection.check_model(net)
+        watch.lap("load model")
+        segments = _embed_clip(clip, net)
+        watch.lap("embed")
+        scores = np.max([s.scores for s in segments], axis=0)
+        names = _filter_names(collection, net, scores, labels, filter)
+        index, _ = collection.load_index()
+        watch.lap("load index")
+        label_filter = collection.store.label_filter(_label_ids(net, names)) if names else None
+        result = QueryResult([], _top(net, scores), names, label_filter.count() if label_filter else None)
+        if result.matching != 0:
+            vectors = np.stack([s.embedding for s in segments])
+            result.hits, result.plans = _search(collection, index, vectors, k, label_filter, per_file)
+        watch.lap("search")
+        result.timings = watch.laps
+        return result
+    finally:
+        collection.close()
+
+
+def _embed_clip(clip: str | Path, net: Model) -> list[SegmentEmbedding]:
+    path = Path(clip)
+    try:
+        audio = decode(path)
+    except AudioDecodeError as e:
+        raise AudioDecodeError(f"{path} is {e}") from e
+    if len(audio.samples) == 0:
+        raise AudioDecodeError(f"{path} holds no audio samples")
+    return Embedder(net, workers=0, batch_size=8).embed_audio(audio)
+
+
+def _filter_names(collection: Collection, net: Model, scores: np.ndarray, labels: list[str] | None,
+                  filter: bool) -> list[str]:
+    if not filter:
+        return []
+    if labels:
+        return [resolve_label(name, net.labels) for name in labels]
+    return [net.id2label[int(np.argmax(scores))]]
+
+
+def resolve_label(name: str, known: list[str]) -> str:
+    """The model's spelling of a label (case-insensitive), or UnknownLabel with suggestions."""
+    by_lower = {label.lower(): label for label in known}
+    if name.lower() in by_lower:
+        return by_lower[name.lower()]
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(by_lower[c]) for c in close)}?" if close else "; see 'audiosearch labels'"
+    raise UnknownLabel(f"unknown label {name!r}{hint}")
+
+
+def _label_ids(net: Model, names: list[str]) -> list[int]:
+    ids = {name: i for i, name in net.id2label.items()}
+    return [ids[n] for n in names]
+
+
+def _top(net: Model, scores: np.ndarray) -> list[tuple[str, float]]:
+    order = np.argsort(-scores, kind="stable")[:TOP_LABELS]
+    return [(net.id2label[int(i)], float(scores[i])) for i in order]
+
+
+def _search(collection, index, vectors, k, label_filter, per_file) -> tuple[list[Hit], list[Plan]]:
+    """Search each query segment, merge by segment (or file), widening until k distinct files are found."""
+    plans: list[Plan] = []
+    limit = index.ntotal if label_filter is None else label_filter.count()
+    want = k * 4 if per_file else k
+    while True:
+        best: dict[int, float] = {}
+        for vector in vectors:
+            scores, ids, plan = search(index, vector[None, :], min(want, max(limit, 1)), filter=label_filter)
+            plans.append(plan)
+            for s, i in zip(scores[0], ids[0]):
+                if i >= 0 and s > best.get(int(i), -np.inf):
+                    best[int(i)] = float(s)
+        hits = _hits(collection, best, k, per_file)
+        if len(hits) >= k or want >= limit or not per_file:
+            return hits, plans
+        want *= 4
+
+
+def _hits(collection, best: dict[int, float], k: int, per_file: bool) -> list[Hit]:
+    info = collection.store.segment_info(best)
+    chosen: list[int] = []
+    seen_files: set[int] = set()
+    for seg_id in sorted(best, key=lambda i: (-best[i], i)):
+        if seg_id not in info:
+            continue  # deleted since the index was saved
+        file_id = info[seg_id][0]
+        if per_file and file_id in seen_files:
+            continue
+        seen_files.add(file_id)
+        chosen.append(seg_id)
+        if len(chosen) == k:
+            break
+    labels = collection.store.segment_labels(chosen)
+    return [
+        Hit(rank, best[i], info[i][1], info[i][2], info[i][3], labels.get(i, []), i)
+        for rank, i in enumerate(chosen, start=1)
+    ]
+
+
+class _Stopwatch:
+    """Seconds spent in each named stage, for --explain."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._last
+        self._last = now

@@ -1,0 +1,125 @@
+"""How results look in a terminal: rich tables, the ingest progress bar, summaries."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .embedder import FileEmbedding
+from .ingest import IngestSummary
+from .query import QueryResult
+
+
+class IngestBar:
+    """Files, segments, audio hours, rate and ETA while an ingest runs."""
+
+    def __init__(self, console: Console, *, enabled: bool = True):
+        self.progress = Progress(
+            TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(), TextColumn("files"),
+            TextColumn("{task.fields[segments]} segments, {task.fields[hours]:.2f} h audio, {task.fields[rate]:.1f} seg/s"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, disable=not enabled, transient=False,
+        )
+        self.task = None
+        self.segments = 0
+        self.seconds = 0.0
+
+    def __enter__(self) -> "IngestBar":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def start(self, files: int) -> None:
+        self.task = self.progress.add_task("ingest", total=files, segments=0, hours=0.0, rate=0.0)
+
+    def update(self, result: FileEmbedding) -> None:
+        self.segments += len(result.segments)
+        self.seconds += (result.duration or 0.0) if result.status == "ok" else 0.0
+        elapsed = self.progress.tasks[0].elapsed or 1e-9
+        self.progress.update(
+            self.task, advance=1, segments=self.segments, hours=self.seconds / 3600, rate=self.segments / elapsed
+        )
+
+
+def summary_dict(s: IngestSummary) -> dict:
+    data = asdict(s)
+    data["failed"] = [{"path": p, "error": e} for p, e in s.failed]
+    data["skipped"] = [{"path": p, "reason": e} for p, e in s.skipped]
+    data["segments_per_second"] = round(s.segments_per_second, 3)
+    return data
+
+
+def print_summary(console: Console, s: IngestSummary) -> None:
+    removed = f", {s.removed} removed" if s.pruned else " (pruning off)"
+    console.print(
+        f"[bold]{s.added}[/] added, {s.updated} updated, {s.unchanged} unchanged, {s.moved} moved{removed}, "
+        f"[{'red' if s.failed else 'green'}]{len(s.failed)} failed[/], {len(s.skipped)} skipped, "
+        f"{s.ignored} non-audio ignored",
+        soft_wrap=True,
+    )
+    console.print(
+        f"{s.segments} segments from {s.audio_seconds / 3600:.2f} h of audio in {s.wall_seconds:.1f} s "
+        f"({s.segments_per_second:.1f} segments/s)",
+        soft_wrap=True,
+    )
+    if s.index is not None:
+        what = "rebuilt" if s.index.rebuilt else "updated"
+        why = f" ({s.index.reason})" if s.index.reason else ""
+        console.print(f"vector index {what}{why}: +{s.index.added} / -{s.index.removed}", soft_wrap=True)
+    for kind, rows in (("failed", s.failed), ("skipped", s.skipped)):
+        for path, error in rows:
+            console.print(f"  {kind}: {path}: {error}", highlight=False, markup=False)
+
+def print_hits(console: Console, result: QueryResult) -> None:
+    predicted = ", ".join(f"{name} ({score:.2f})" for name, score in result.query_labels[:3])
+    console.print(f"query labels: {predicted}", highlight=False)
+    if result.filter_labels:
+        console.print(f"filter: {' or '.join(result.filter_labels)} ({result.matching} matching segments)",
+                      highlight=False)
+    if not result.hits:
+        if result.matching == 0:
+            console.print(f"No library segment carries {' or '.join(repr(n) for n in result.filter_labels)}; "
+                          "try --no-filter or another --label.", highlight=False)
+        else:
+            console.print("No results.")
+        return
+    table = Table("rank", "similarity")
+    table.add_column("path", overflow="fold")
+    table.add_column("segment", no_wrap=True)
+    table.add_column("labels")
+    for hit in result.hits:
+        labels = ", ".join(f"{name} ({score:.2f})" for name, score in hit.labels[:3])
+        table.add_row(str(hit.rank), f"{hit.similarity:.4f}", hit.path, f"{hit.start:.2f}-{hit.end:.2f} s", labels)
+    console.print(table)
+
+
+def print_explain(console: Console, result: QueryResult) -> None:
+    console.print("[bold]plan[/]")
+    for plan in result.plans:
+        for line in plan.explain():
+            console.print(f"  {line}", highlight=False)
+    for stage, seconds in result.timings.items():
+        console.print(f"  {stage}: {seconds * 1000:.1f} ms", highlight=False)
+
+
+def print_info(console: Console, data: dict) -> None:
+    files = data["files"]
+    table = Table(show_header=False)
+    table.add_row("index", data["index"])
+    table.add_row("model", str(data["model"]))
+    table.add_row("files", ", ".join(f"{n} {status}" for status, n in sorted(files.items())) or "0")
+    table.add_row("segments", str(data["segments"]))
+    table.add_row("audio", f"{data['hours']:.2f} h")
+    table.add_row("hop", f"{data['hop_seconds']:g} s")
+    vi = data["vector_index"]
+    table.add_row("vector index", ", ".join(f"{k}={v}" for k, v in vi.items()) if vi else "not built yet")
+    table.add_row("index current", "yes" if data["index_current"] else "no (rebuilt from SQLite on next use)")
+    table.add_row("size on disk", f"{data['size_bytes'] / 1e6:.1f} MB")
+    console.print(table)
+    for e in data.get("errors", []):
+        console.print(f"{e['status']:8} {e['path']}: {e['error']}", highlight=False, markup=False)

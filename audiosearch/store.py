@@ -1,0 +1,352 @@
+"""SQLite, the source of truth: files, segments (with their vectors), labels, metadata.
+
+The FAISS index is derived from the `segments` table and can always be
+rebuilt from it. Segment ids come from AUTOINCREMENT, so an id is never
+reused and the FAISS id of a deleted segment can never point at new audio.
+Every write bumps `meta.generation`; the index records the generation it
+reflects, which is how a stale index is noticed after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
+
+from .errors import IndexNotFound
+
+DB_NAME = "audiosearch.db"
+TOP_LABELS = 5  # labels stored per segment for filtering
+LABEL_MIN_SCORE = 0.1  # below this a label is not "predicted" (the top one is always kept)
+
+migrations = Migrations("audiosearch")
+
+
+@migrations()
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db.executescript(
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE files (
+            id INTEGER PRIMARY KEY,
+            path TEXT NOT NULL UNIQUE,
+            size INTEGER, mtime REAL, hash TEXT,
+            duration REAL, sample_rate INTEGER, channels INTEGER,
+            status TEXT NOT NULL,            -- ok | failed | skipped | pending
+            error TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            updated REAL
+        );
+        CREATE INDEX files_hash ON files(hash);
+        CREATE TABLE segments (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,  -- the FAISS id
+            file_id INTEGER NOT NULL REFERENCES files(id),
+            start REAL NOT NULL, "end" REAL NOT NULL,
+            vector BLOB NOT NULL,                  -- float32 little-endian, unit norm
+            scores BLOB NOT NULL                   -- float16 sigmoid scores over all labels
+        );
+        CREATE INDEX segments_file ON segments(file_id);
+        CREATE TABLE labels (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, count INTEGER NOT NULL DEFAULT 0);
+        CREATE TABLE segment_labels (
+            label_id INTEGER NOT NULL, segment_id INTEGER NOT NULL, score REAL NOT NULL,
+            PRIMARY KEY (label_id, segment_id)
+        ) WITHOUT ROWID;
+        CREATE INDEX segment_labels_segment ON segment_labels(segment_id);
+        CREATE TRIGGER label_count_add AFTER INSERT ON segment_labels
+            BEGIN UPDATE labels SET count = count + 1 WHERE id = NEW.label_id; END;
+        CREATE TRIGGER label_count_remove AFTER DELETE ON segment_labels
+            BEGIN UPDATE labels SET count = count - 1 WHERE id = OLD.label_id; END;
+        """
+    )
+
+
+@dataclass(frozen=True)
+class FileRow:
+    id: int
+    path: str
+    size: int | None
+    mtime: float | None
+    hash: str | None
+    status: str
+    error: str | None
+    attempts: int
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """What the model said about one segment, ready to store."""
+
+    start: float
+    end: float
+    vector: np.ndarray  # float32 [D]
+    scores: np.ndarray  # float32 [labels]
+
+
+class Store:
+    """One index's SQLite database. Open one per thread or process."""
+
+    def __init__(self, index_dir: str | Path, *, create: bool = False):
+        self.dir = Path(index_dir)
+        path = self.dir / DB_NAME
+        if not path.exists() and not create:
+            raise IndexNotFound(
+                f"no index at {self.dir} (run 'audiosearch ingest FOLDER --index {self.dir}' to create one)"
+            )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+        self.db = sqlite_utils.Database(conn)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA busy_timeout=60000")
+        if create:
+            migrations.apply(self.db)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT that also bumps the generation."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self.db.execute(
+                "INSERT INTO meta(key, value) VALUES ('generation', '1') "
+                "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+            )
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    # -- metadata ---------------------------------------------------------
+    def get_meta(self) -> dict[str, str]:
+        return {k: v for k, v in self.db.execute("SELECT key, value FROM meta").fetchall()}
+
+    def set_meta(self, values: dict[str, object]) -> None:
+        self.db.conn.executemany(
+            "INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in values.items()],
+        )
+
+    @property
+    def generation(self) -> int:
+        return int(self.get_meta().get("generation", 0))
+
+    # -- labels -----------------------------------------------------------
+    def ensure_labels(self, id2label: dict[int, str]) -> None:
+        self.db.conn.executemany(
+            "INSERT OR IGNORE INTO labels(id, name) VALUES (?, ?)", sorted(id2label.items())
+        )
+
+    def label_names(self) -> dict[int, str]:
+        return dict(self.db.execute("SELECT id, name FROM labels").fetchall())
+
+    def label_counts(self) -> list[tuple[str, int]]:
+        return self.db.execute(
+            "SELECT name, count FROM labels WHERE count > 0 ORDER BY count DESC, name"
+        ).fetchall()
+
+    def label_filter(self, label_ids: Iterable[int]) -> LabelFilter:
+        return LabelFilter(self.db, sorted(set(label_ids)))
+
+    # -- files ------------------------------------------------------------
+    def files(self, status: str | None = None) -> list[FileRow]:
+        sql = "SELECT id, path, size, mtime, hash, status, error, attempts FROM files"
+        args: tuple = ()
+        if status:
+            sql, args = sql + " WHERE status = ?", (status,)
+        return [FileRow(*row) for row in self.db.execute(sql + " ORDER BY path", args).fetchall()]
+
+    def mark_pending(self, paths: list[str]) -> None:
+        """Record that decoding of these files begins, so a crash is not repeated forever."""
+        self.db.conn.executemany(
+            "INSERT INTO files(path, status, attempts, updated) VALUES (?, 'pending', 1, ?) "
+            "ON CONFLICT(path) DO UPDATE SET attempts = attempts + 1, updated = excluded.updated",
+            [(p, time.time()) for p in paths],
+        )
+
+    def write_file(self, row: dict, segments: list[SegmentResult]) -> None:
+        """Replace a file's segments and record its status (call inside a transaction)."""
+        file_id = self._upsert_file(row)
+        self._delete_segments([file_id])
+        for seg in segments:
+            self._insert_segment(file_id, seg)
+
+    def move_file(self, old_path: str, row: dict) -> None:
+        """A file with the same content appeared elsewhere: keep its segments."""
+        self.db.execute("DELETE FROM files WHERE path = ? AND status != 'ok'", (row["path"],))
+        self.db.execute(
+            "UPDATE files SET path = ?, size = ?, mtime = ?, updated = ? WHERE path = ?",
+            (row["path"], row["size"], row["mtime"], time.time(), old_path),
+        )
+
+    def touch_file(self, path: str, size: int, mtime: float) -> None:
+        self.db.execute("UPDATE files SET size = ?, mtime = ? WHERE path = ?", (size, mtime, path))
+
+    def delete_files(self, paths: list[str]) -> None:
+        ids = [r[0] for p in paths for r in self.db.execute("SELECT id FROM files WHERE path = ?", (p,))]
+        self._delete_segments(ids)
+        self.db.conn.executemany("DELETE FROM files WHERE id = ?", [(i,) for i in ids])
+
+    def _upsert_file(self, row: dict) -> int:
+        cols = ["path", "size", "mtime", "hash", "duration", "sample_rate", "channels", "status", "error"]
+        values = [row.get(c) for c in cols] + [time.time()]
+        self.db.execute(
+            f"INSERT INTO files({', '.join(cols)}, attempts, updated) VALUES ({', '.join('?' * len(cols))}, 0, ?) "
+            "ON CONFLICT(path) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in cols[1:])
+            + ", attempts = 0, updated = excluded.updated",
+            values,
+        )
+        return self.db.execute("SELECT id FROM files WHERE path = ?", (row["path"],)).fetchone()[0]
+
+    def _insert_segment(self, file_id: int, seg: SegmentResult) -> None:
+        vector = np.ascontiguousarray(seg.vector, dtype="<f4").tobytes()
+        scores = np.asarray(seg.scores, dtype="<f2")
+        cur = self.db.execute(
+            'INSERT INTO segments(file_id, start, "end", vector, scores) VALUES (?, ?, ?, ?, ?)',
+            (file_id, seg.start, seg.end, vector, scores.tobytes()),
+        )
+        self.db.conn.executemany(
+            "INSERT INTO segment_labels(label_id, segment_id, score) VALUES (?, ?, ?)",
+            [(i, cur.lastrowid, float(seg.scores[i])) for i in top_labels(seg.scores)],
+        )
+
+    def _delete_segments(self, file_ids: list[int]) -> None:
+        for file_id in file_ids:
+            self.db.execute(
+                "DELETE FROM segment_labels WHERE segment_id IN (SELECT id FROM segments WHERE file_id = ?)",
+                (file_id,),
+            )
+            self.db.execute("DELETE FROM segments WHERE file_id = ?", (file_id,))
+
+    # -- segments, as a VectorSource for the FAISS index ---------------------
+    @property
+    def dim(self) -> int:
+        return int(self.get_meta().get("dim", 0))
+
+    def count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM segments").fetchone()[0]
+
+    def ids(self) -> np.ndarray:
+        rows = self.db.execute("SELECT id FROM segments ORDER BY id").fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        found = dict(self._select_by_ids("SELECT id, vector FROM segments", ids))
+        return self._stack([found[int(i)] for i in ids])
+
+    def iter_vectors(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        last = -1
+        while True:
+            rows = self.db.execute(
+                "SELECT id, vector FROM segments WHERE id > ? ORDER BY id LIMIT ?", (last, batch_size)
+            ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield np.array([r[0] for r in rows], dtype=np.int64), self._stack([r[1] for r in rows])
+
+    def sample(self, n: int, seed: int = 0) -> np.ndarray:
+        ids = self.ids()
+        if len(ids) > n:
+            ids = np.sort(np.random.default_rng(seed).choice(ids, n, replace=False))
+        return self.vectors(ids)
+
+    def _stack(self, blobs: list[bytes]) -> np.ndarray:
+        if not blobs:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), -1).astype(np.float32)
+
+    def _select_by_ids(self, select: str, ids: Iterable[int], column: str = "id") -> list[tuple]:
+        payload = json.dumps([int(i) for i in ids])
+        return self.db.execute(f"{select} WHERE {column} IN (SELECT value FROM json_each(?))", (payload,)).fetchall()
+
+    # -- segments, for results and export -----------------------------------
+    def segment_info(self, ids: Iterable[int]) -> dict[int, tuple[int, str, float, float]]:
+        """id -> (file_id, path, start, end)."""
+        rows = self._select_by_ids(
+            'SELECT segments.id, file_id, path, start, "end" FROM segments JOIN files ON files.id = file_id',
+            ids,
+            column="segments.id",
+        )
+        return {r[0]: tuple(r[1:]) for r in rows}
+
+    def segment_labels(self, ids: Iterable[int]) -> dict[int, list[tuple[str, float]]]:
+        """id -> [(label, score)] best first: the labels a segment is filtered by."""
+        payload = json.dumps([int(i) for i in ids])
+        out: dict[int, list[tuple[str, float]]] = {}
+        for seg, name, score in self.db.execute(
+            "SELECT segment_id, name, score FROM segment_labels JOIN labels ON labels.id = label_id "
+            "WHERE segment_id IN (SELECT value FROM json_each(?)) ORDER BY segment_id, score DESC",
+            (payload,),
+        ):
+            out.setdefault(seg, []).append((name, score))
+        return out
+
+    def iter_segments(self, batch_size: int = 1024) -> Iterator[list[tuple]]:
+        """(id, path, start, end, vector bytes, scores bytes) in id order, for export."""
+        last = -1
+        while True:
+            rows = self.db.execute(
+                'SELECT segments.id, path, start, "end", vector, scores FROM segments '
+                "JOIN files ON files.id = file_id WHERE segments.id > ? ORDER BY segments.id LIMIT ?",
+                (last, batch_size),
+            ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield rows
+
+    def stats(self) -> dict[str, object]:
+        files = dict(self.db.execute("SELECT status, COUNT(*) FROM files GROUP BY status").fetchall())
+        seconds = self.db.execute("SELECT COALESCE(SUM(duration), 0) FROM files WHERE status = 'ok'").fetchone()[0]
+        return {"files": files, "segments": self.count(), "hours": seconds / 3600}
+
+
+def top_labels(scores: np.ndarray) -> list[int]:
+    """Indices of the labels a segment is said to carry: up to TOP_LABELS above LABEL_MIN_SCORE, at least one."""
+    order = np.argsort(-scores, kind="stable")[:TOP_LABELS]
+    keep = [int(i) for i in order if scores[i] >= LABEL_MIN_SCORE]
+    return keep or [int(order[0])]
+
+
+class LabelFilter:
+    """The segments carrying any of the given labels (implements search.Filter)."""
+
+    def __init__(self, db: sqlite_utils.Database, label_ids: list[int]):
+        self.db, self.label_ids = db, label_ids
+        self._ids: np.ndarray | None = None
+
+    def count(self) -> int:
+        if len(self.label_ids) == 1:
+            row = self.db.execute("SELECT count FROM labels WHERE id = ?", (self.label_ids[0],)).fetchone()
+            return row[0] if row else 0
+        return len(self.ids())
+
+    def ids(self) -> np.ndarray:
+        if self._ids is None:
+            rows = self.db.execute(
+                "SELECT DISTINCT segment_id FROM segment_labels WHERE label_id IN (SELECT value FROM json_each(?)) "
+                "ORDER BY segment_id",
+                (json.dumps(self.label_ids),),
+            ).fetchall()
+            self._ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        return self._ids
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        rows = self.db.execute(
+            "SELECT DISTINCT segment_id FROM segment_labels WHERE label_id IN (SELECT value FROM json_each(?)) "
+            "AND segment_id IN (SELECT value FROM json_each(?))",
+            (json.dumps(self.label_ids), json.dumps([int(i) for i in ids])),
+        ).fetchall()
+        return np.isin(ids, np.array([r[0] for r in rows], dtype=np.int64))
