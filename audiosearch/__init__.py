@@ -1,16 +1,22 @@
 """audiosearch: find audio by how it sounds.
 
-The Python API mirrors the CLI: `ingest`, `query`, `Embedder` (AST features
-for research use), `collection_info` and `label_counts`. Names are imported
-on first use so that `audiosearch --help` does not wait for torch.
+The Python API mirrors the CLI: `Embedder` (AST features for research use),
+`embed_to_file` and `export_index` (feature files, read back with
+`read_features`), `collection_info` and `label_counts`; `ingest` and `query`
+live in the modules of the same name (`from audiosearch.query import query`),
+which is why they are not re-exported here: a submodule would shadow them.
+Names are imported on first use so that `audiosearch --help` does not wait
+for torch.
 """
 
 from importlib import import_module
 
 _EXPORTS = {
-    "ingest": "ingest", "IngestSummary": "ingest",
-    "query": "query", "Hit": "query", "QueryResult": "query",
+    "IngestSummary": "ingest",
+    "Hit": "query", "QueryResult": "query",
     "Embedder": "embedder", "FileEmbedding": "embedder", "SegmentEmbedding": "embedder",
+    "embed_to_file": "export", "export_index": "export", "ExportSummary": "export",
+    "read_features": "feature_file", "Features": "feature_file",
     "Model": "model", "DEFAULT_MODEL": "model",
     "Collection": "collection", "collection_info": "collection", "label_counts": "collection",
     "AudiosearchError": "errors",

@@ -30,8 +30,8 @@ IndexOpt = Annotated[
 ]
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", help="Hugging Face id or local checkpoint directory [default: the index's model, "
-                 "else MIT/ast-finetuned-audioset-10-10-0.4593]."),
+    typer.Option("--model", help="Hugging Face id or local checkpoint directory (default: the index's model, "
+                 "else MIT/ast-finetuned-audioset-10-10-0.4593)."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16.")]
@@ -67,7 +67,7 @@ def ingest(
     precision: PrecisionOpt = "auto",
     batch_size: BatchOpt = None,
     workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding processes.")] = None,
-    hop: Annotated[Optional[float], typer.Option(help="Seconds between segment starts [default: 10.24].")] = None,
+    hop: Annotated[Optional[float], typer.Option(min=0.1, help="Seconds between segment starts (default: 10.24).")] = None,
     prune: Annotated[bool, typer.Option(help="Forget indexed files that are gone from these folders.")] = True,
     retry_failed: Annotated[bool, typer.Option(help="Try again files that failed before.")] = False,
     as_json: JsonOpt = False,
@@ -160,5 +160,85 @@ def labels(index: IndexOpt = DEFAULT_INDEX, as_json: JsonOpt = False) -> None:
     for name, n in counts:
         table.add_row(name, str(n))
     out.print(table)
+
+
+OutputOpt = Annotated[
+    Path, typer.Option("-o", "--output", help="Feature file; the extension picks the format: .parquet, .npz or .npy.")
+]
+TopLabelsOpt = Annotated[
+    Optional[int], typer.Option("--top-labels", min=1, help="Keep the N best labels per segment (names + scores).")
+]
+Float16Opt = Annotated[bool, typer.Option("--float16", help="Store embeddings, scores and tokens as float16.")]
+EmbedModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", help="Hugging Face id or local checkpoint directory "
+                 "(default: MIT/ast-finetuned-audioset-10-10-0.4593)."),
+]
+
+
+@app.command()
+@friendly
+def embed(
+    paths: Annotated[list[Path], typer.Argument(help="Audio files or folders (searched recursively).")],
+    output: OutputOpt = Path("features.parquet"),
+    model: EmbedModelOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    batch_size: BatchOpt = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding processes.")] = None,
+    hop: Annotated[Optional[float], typer.Option(min=0.1, help="Seconds between segment starts (default: 10.24).")] = None,
+    top_labels: TopLabelsOpt = None,
+    tokens: Annotated[
+        bool, typer.Option("--tokens", help="Also store the last-layer patch tokens [T', F', D].")
+    ] = False,
+    float16: Float16Opt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compute AST features for PATHS into a file, without an index.
+
+    \b
+    Example:
+        audiosearch embed ./library -o features.parquet --top-labels 5
+    """
+    from .export import embed_to_file
+    from .render import IngestBar, export_dict, print_export
+
+    with IngestBar(out, enabled=not as_json, title="embed") as bar:
+        summary = embed_to_file(
+            paths, output, model=model, device=device, precision=precision, batch_size=batch_size, workers=workers,
+            hop_seconds=hop, top_labels=top_labels, tokens=tokens, float16=float16, progress=bar,
+        )
+    if as_json:
+        print(json.dumps(export_dict(summary), ensure_ascii=False))
+    else:
+        print_export(out, summary)
+
+
+@app.command()
+@friendly
+def export(
+    index: IndexOpt = DEFAULT_INDEX,
+    output: OutputOpt = Path("features.parquet"),
+    top_labels: TopLabelsOpt = None,
+    float16: Float16Opt = False,
+    tokens: Annotated[bool, typer.Option("--tokens", help="Not available: an index keeps no patch tokens.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the features an index holds to a file, as stored: nothing is recomputed.
+
+    \b
+    Example:
+        audiosearch export --index indexes/sfx -o features.npz
+    """
+    from .export import export_index
+    from .render import export_dict, print_export
+
+    if tokens:
+        raise AudiosearchError("an index keeps no patch tokens; use 'audiosearch embed --tokens' to compute them")
+    summary = export_index(index, output, top_labels=top_labels, float16=float16)
+    if as_json:
+        print(json.dumps(export_dict(summary), ensure_ascii=False))
+    else:
+        print_export(out, summary)
 
 

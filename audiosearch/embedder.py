@@ -18,7 +18,8 @@ import torch
 
 from .audio import MIN_SECONDS, SEGMENT_SAMPLES, SEGMENT_SECONDS, Audio, Segment, segment, to_model_audio
 from .decode_pool import Decoded, DecodePool
-from .model import DEFAULT_MODEL, Model
+from .errors import AudioDecodeError
+from .model import DEFAULT_MODEL, Model, PendingOutput
 
 
 @dataclass
@@ -84,8 +85,16 @@ class Embedder:
         self.workers = default_workers(self.model.device) if workers is None else workers
         self.hop_seconds = hop_seconds
         self.tokens = tokens
+        # On a GPU one batch is in flight while the next is filled: two pinned staging slots, so
+        # the copies to the device never wait on pageable memory (which would sync the stream).
         pin = self.model.device.type == "cuda"
-        self._buffer = torch.zeros(self.batch_size, SEGMENT_SAMPLES, pin_memory=pin)
+        self._slots = [
+            (torch.zeros(self.batch_size, SEGMENT_SAMPLES, pin_memory=pin),
+             torch.zeros(self.batch_size, dtype=torch.int64, pin_memory=pin))
+            for _ in range(2 if pin else 1)
+        ]
+        self._next_slot = 0
+        self._in_flight: tuple[list[tuple[_Job, int, Segment]], PendingOutput] | None = None
 
     def embed_files(self, paths: Iterable[str | Path]) -> Iterator[FileEmbedding]:
         """Yield one FileEmbedding per path, in completion order; bad files come back with an error."""
@@ -93,17 +102,24 @@ class Embedder:
 
     def embed_waveform(self, samples: np.ndarray, sample_rate: int) -> list[SegmentEmbedding]:
         """Embed an in-memory signal ([n] or [n, channels]) at any sample rate."""
-        return self.embed_audio(to_model_audio(samples, sample_rate))
+        audio = to_model_audio(samples, sample_rate)
+        if len(audio.samples) == 0:
+            raise AudioDecodeError("the signal holds no samples to embed")
+        return self.embed_audio(audio)
 
     def embed_audio(self, audio: Audio) -> list[SegmentEmbedding]:
         job = _Job(Decoded(None, "<memory>", audio), segment(audio.samples, self.hop_seconds))
+        self._in_flight = None  # whatever an abandoned run left behind
         for _ in self._run_batches([(job, i, s) for i, s in enumerate(job.pieces)]):
+            pass
+        for _ in self._collect():
             pass
         return job.result.segments
 
     def run(self, tasks: Iterable[tuple[object, str]], *, with_hash: bool = False) -> Iterator[FileEmbedding]:
         """Embed (key, path) tasks; the key comes back on each FileEmbedding."""
         pending: list[tuple[_Job, int, Segment]] = []
+        self._in_flight = None  # whatever an abandoned run left behind
         for decoded in DecodePool(self.workers, with_hash=with_hash).map(tasks):
             job = self._job(decoded)
             if job.done:
@@ -114,6 +130,7 @@ class Embedder:
                 batch, pending = pending[: self.batch_size], pending[self.batch_size :]
                 yield from self._run_batches(batch)
         yield from self._run_batches(pending)
+        yield from self._collect()
 
     def _job(self, decoded: Decoded) -> _Job:
         if decoded.audio is None:
@@ -124,23 +141,38 @@ class Embedder:
         return _Job(decoded, segment(decoded.audio.samples, self.hop_seconds))
 
     def _run_batches(self, items: list[tuple[_Job, int, Segment]]) -> Iterator[FileEmbedding]:
+        """Queue each batch, then hand out the previous one's files (the device works meanwhile)."""
         for start in range(0, len(items), self.batch_size):
             batch = items[start : start + self.batch_size]
-            out = self._forward([seg for _, _, seg in batch])
-            for row, (job, index, seg) in enumerate(batch):
-                tokens = out.tokens[row].numpy() if out.tokens is not None else None
-                emb = SegmentEmbedding(seg.start, seg.end, out.embeddings[row].numpy(), out.scores[row].numpy(), tokens)
-                if job.fill(index, emb):
-                    yield job.result
+            pending = self._launch([seg for _, _, seg in batch])
+            yield from self._collect()
+            self._in_flight = batch, pending
 
-    def _forward(self, segments: list[Segment]):
+    def _collect(self) -> Iterator[FileEmbedding]:
+        """Wait for the batch in flight, if any, and yield the files it completes."""
+        if self._in_flight is None:
+            return
+        batch, pending = self._in_flight
+        self._in_flight = None
+        out = pending.result()
+        for row, (job, index, seg) in enumerate(batch):
+            tokens = out.tokens[row].numpy() if out.tokens is not None else None
+            emb = SegmentEmbedding(seg.start, seg.end, out.embeddings[row].numpy(), out.scores[row].numpy(), tokens)
+            if job.fill(index, emb):
+                yield job.result
+
+    def _launch(self, segments: list[Segment]) -> PendingOutput:
+        """Stage the batch in the next slot (free: its last batch has been collected) and queue it."""
+        waves, lengths = self._slots[self._next_slot]
+        self._next_slot = (self._next_slot + 1) % len(self._slots)
         n = len(segments)
-        waves = self._buffer[:n]
-        waves.zero_()
-        lengths = torch.tensor([len(s.samples) for s in segments], dtype=torch.int64)
+        waves, lengths = waves[:n], lengths[:n]
         for row, seg in enumerate(segments):
-            waves[row, : len(seg.samples)] = torch.from_numpy(seg.samples)
-        return self.model(waves, lengths, tokens=self.tokens)
+            size = len(seg.samples)
+            waves[row, :size] = torch.from_numpy(seg.samples)
+            waves[row, size:] = 0.0
+            lengths[row] = size
+        return self.model.launch(waves, lengths, tokens=self.tokens)
 
 
 class _Job:

@@ -35,3 +35,7 @@ class UnknownLabel(AudiosearchError):
 
 class NoAudioFiles(AudiosearchError):
     """A path holds no audio files to ingest."""
+
+
+class FeatureFileError(AudiosearchError):
+    """A feature file cannot be written or read as asked."""

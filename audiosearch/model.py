@@ -31,6 +31,25 @@ class ModelOutput:
     tokens: torch.Tensor | None = None  # [B, T', F', D] last-layer patch tokens, when asked for
 
 
+class PendingOutput:
+    """A batch queued on the model's device; `result()` waits for it.
+
+    On a GPU the forward pass and the copies back to (pinned) host memory are
+    queued without waiting, so the caller can prepare and queue the next batch
+    while this one computes: one batch in flight keeps the GPU busy with no
+    per-batch stall. On a CPU everything has already run.
+    """
+
+    def __init__(self, output: ModelOutput, event: torch.cuda.Event | None = None):
+        self._output, self._event = output, event
+
+    def result(self) -> ModelOutput:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._output
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """`auto` means the GPU when torch sees one."""
     if device == "auto":
@@ -76,7 +95,13 @@ class Model:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.net, extractor = _load(self.name)
+        self.fingerprint = _fingerprint(self.net)  # of the stored weights, before any cast
         self.net.to(self.device).eval()
+        # bf16 has float32's range, so the weights are cast once and activations stay in bf16
+        # (faster than autocast's per-op casts, half the memory; cosine >= 0.999 vs float32,
+        # see tests/test_precision.py). fp16 would risk overflow: it runs under autocast.
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.net.to(self.dtype)
         self.features = FeatureConfig.from_extractor(extractor)
         self.logmel = LogMel(self.features).to(self.device)
         self.id2label: dict[int, str] = {int(i): name for i, name in self.net.config.id2label.items()}
@@ -93,20 +118,40 @@ class Model:
         t = (c.max_length - c.patch_size) // c.time_stride + 1
         return t, f
 
-    @torch.inference_mode()
     def __call__(self, waveforms: torch.Tensor, lengths: torch.Tensor, *, tokens: bool = False) -> ModelOutput:
         """Embed a batch: waveforms [B, N] zero-padded, lengths [B] in samples."""
+        return self.launch(waveforms, lengths, tokens=tokens).result()
+
+    @torch.inference_mode()
+    def launch(self, waveforms: torch.Tensor, lengths: torch.Tensor, *, tokens: bool = False) -> PendingOutput:
+        """Queue a batch without waiting for it (on a GPU); `.result()` on the return value waits.
+
+        `waveforms` may be reused once the result is in (its copy to the device is done by then).
+        """
         waveforms = waveforms.to(self.device, non_blocking=True)
         lengths = lengths.to(self.device, non_blocking=True)
         feats = self.logmel(waveforms, lengths)
-        with self._autocast():
-            out = self.net.audio_spectrogram_transformer(feats)
-            logits = self.net.classifier(out.pooler_output)
-        emb = torch.nn.functional.normalize(out.pooler_output.float(), dim=-1)
-        result = ModelOutput(emb.cpu(), torch.sigmoid(logits.float()).cpu())
+        pooled, logits, hidden = self.forward_features(feats)
+        emb = torch.nn.functional.normalize(pooled.float(), dim=-1)
+        outputs = [emb, torch.sigmoid(logits.float())]
         if tokens:
-            result.tokens = self._grid(out.last_hidden_state[:, 2:]).cpu()
-        return result
+            outputs.append(self._grid(hidden[:, 2:]).float())
+        if self.device.type != "cuda":
+            return PendingOutput(ModelOutput(*outputs))
+        # non_blocking copies to the CPU land in pinned memory; the event says when they have
+        host = [t.to("cpu", non_blocking=True) for t in outputs]
+        event = torch.cuda.Event()
+        event.record()
+        return PendingOutput(ModelOutput(*host), event)
+
+    @torch.inference_mode()
+    def forward_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The network alone, at the model's precision: features [B, frames, mel bins] ->
+        (pooled output [B, D], logits [B, labels], last hidden state [B, tokens, D])."""
+        with self._autocast():
+            out = self.net.audio_spectrogram_transformer(feats.to(self.dtype))
+            logits = self.net.classifier(out.pooler_output)
+        return out.pooler_output, logits, out.last_hidden_state
 
     def _grid(self, patches: torch.Tensor) -> torch.Tensor:
         t, f = self.patch_grid()
@@ -114,7 +159,7 @@ class Model:
 
     def _autocast(self):
         dtype = _DTYPES.get(self.precision)
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None and dtype != self.dtype)
 
 
 def _load(name_or_path: str):
@@ -144,11 +189,14 @@ def _first_line(e: Exception) -> str:
 
 
 def fingerprint(model: Model) -> str:
-    """A short hash of weights that identify a checkpoint, wherever it was loaded from."""
+    """A short hash of weights that identify a checkpoint, wherever it was loaded from, at any precision."""
+    return model.fingerprint
+
+
+def _fingerprint(net) -> str:
     import hashlib
 
     h = hashlib.blake2b(digest_size=8)
-    net = model.net
     for tensor in (
         net.audio_spectrogram_transformer.embeddings.patch_embeddings.projection.weight,
         net.classifier.dense.weight,

@@ -5,20 +5,22 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .embedder import FileEmbedding
+from .export import ExportSummary
 from .ingest import IngestSummary
 from .query import QueryResult
 
 
 class IngestBar:
-    """Files, segments, audio hours, rate and ETA while an ingest runs."""
+    """Files, segments, audio hours, rate and ETA while an ingest (or `title`: embed) runs."""
 
-    def __init__(self, console: Console, *, enabled: bool = True):
+    def __init__(self, console: Console, *, enabled: bool = True, title: str = "ingest"):
         self.progress = Progress(
-            TextColumn("[bold]ingest"), BarColumn(), MofNCompleteColumn(), TextColumn("files"),
+            TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TextColumn("files"),
             TextColumn("{task.fields[segments]} segments, {task.fields[hours]:.2f} h audio, {task.fields[rate]:.1f} seg/s"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             console=console, disable=not enabled, transient=False,
@@ -74,6 +76,31 @@ def print_summary(console: Console, s: IngestSummary) -> None:
     for kind, rows in (("failed", s.failed), ("skipped", s.skipped)):
         for path, error in rows:
             console.print(f"  {kind}: {path}: {error}", highlight=False, markup=False)
+
+
+def export_dict(s: ExportSummary) -> dict:
+    data = asdict(s)
+    data["failed"] = [{"path": p, "error": e} for p, e in s.failed]
+    data["skipped"] = [{"path": p, "reason": e} for p, e in s.skipped]
+    return data
+
+
+def print_export(console: Console, s: ExportSummary) -> None:
+    console.print(
+        f"wrote {s.segments} segments from {s.files} files ({s.audio_seconds / 3600:.2f} h of audio) "
+        f"to {escape(s.output)} "
+        f"({_size(s.bytes_written)}) in {s.wall_seconds:.1f} s; "
+        f"[{'red' if s.failed else 'green'}]{len(s.failed)} failed[/], {len(s.skipped)} skipped",
+        soft_wrap=True, highlight=False,
+    )
+    for kind, rows in (("failed", s.failed), ("skipped", s.skipped)):
+        for path, error in rows:
+            console.print(f"  {kind}: {path}: {error}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
 
 def print_hits(console: Console, result: QueryResult) -> None:
     predicted = ", ".join(f"{name} ({score:.2f})" for name, score in result.query_labels[:3])

@@ -127,6 +127,15 @@ class Store:
             self.db.execute("ROLLBACK")
             raise
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """A read transaction: every query inside sees one committed state, even while ingest writes."""
+        self.db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.db.execute("COMMIT")
+
     # -- metadata ---------------------------------------------------------
     def get_meta(self) -> dict[str, str]:
         return {k: v for k, v in self.db.execute("SELECT key, value FROM meta").fetchall()}
