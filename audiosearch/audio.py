@@ -59,7 +59,10 @@ def decode(path: str | Path) -> Audio:
     """Read any file libsndfile supports into mono float32 at SAMPLE_RATE.
 
     Raises AudioDecodeError with libsndfile's reason when the file is not
-    readable audio, so callers can record it and move on.
+    readable audio, so callers can record it and move on. The content decides
+    the format, not the extension (a FLAC named .mp3 decodes as FLAC). A
+    truncated file libsndfile can still read (WAV, MP3) yields the audio it
+    holds; a header claiming more than MAX_SECONDS is refused.
     """
     try:
         with sf.SoundFile(str(path)) as f:

@@ -242,3 +242,27 @@ def export(
         print_export(out, summary)
 
 
+@app.command()
+@friendly
+def doctor(
+    index: IndexOpt = DEFAULT_INDEX,
+    repair: Annotated[bool, typer.Option("--repair", help="Fix what can be fixed: delete orphan rows, rebuild the "
+                                         "FAISS file from SQLite.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check that the index agrees with itself and with the files on disk; exit code 1 if something is wrong.
+
+    \b
+    Example:
+        audiosearch doctor --index indexes/sfx --repair
+    """
+    from .doctor import doctor as run_doctor
+    from .render import print_doctor
+
+    report = run_doctor(index, repair=repair)
+    if as_json:
+        print(json.dumps(report.to_dict(), ensure_ascii=False))
+    else:
+        print_doctor(out, report)
+    if not report.ok:
+        raise typer.Exit(1)

@@ -1,11 +1,11 @@
 """An index directory: the SQLite store, the FAISS file derived from it, and the model that built them.
 
 Readers and the single writer meet here. The writer (ingest, doctor --repair)
-holds an exclusive lock and saves the FAISS file atomically, then records the
-store generation it reflects. A reader trusts the file only when that
-generation is current; otherwise it brings a copy up to date from SQLite in
-memory, so a query always sees the last committed state, even mid-ingest or
-after a crash.
+holds an exclusive lock and saves the FAISS file atomically, its header
+tagged with the store generation it reflects. A reader trusts the file only
+when that generation is current; otherwise it brings a copy up to date from
+one consistent SQLite snapshot in memory, so a query always sees the last
+committed state, even mid-ingest or after a crash.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .audio import SAMPLE_RATE, SEGMENT_SECONDS
-from .errors import IndexLocked, ModelMismatch
+from .errors import IndexLocked, IndexWriteError, ModelMismatch
 from .index import IndexCorrupt, IndexOptions, SyncReport, VectorIndex, sync_index
 from .model import Model, fingerprint
 from .store import Store
@@ -53,15 +53,16 @@ class Collection:
         meta = self.meta
         if "fingerprint" not in meta:
             f = model.features
-            self.store.ensure_labels(model.id2label)
-            self.store.set_meta(
-                {
-                    "schema_version": SCHEMA_VERSION, "model": model.name, "fingerprint": fingerprint(model),
-                    "dim": model.dim, "sample_rate": SAMPLE_RATE, "segment_seconds": SEGMENT_SECONDS,
-                    "hop_seconds": hop_seconds, "num_mel_bins": f.num_mel_bins, "max_length": f.max_length,
-                    "mean": f.mean, "std": f.std,
-                }
-            )
+            with self.store.transaction():  # all or nothing: a half-bound index would pass check_model
+                self.store.ensure_labels(model.id2label)
+                self.store.set_meta(
+                    {
+                        "schema_version": SCHEMA_VERSION, "model": model.name, "fingerprint": fingerprint(model),
+                        "dim": model.dim, "sample_rate": SAMPLE_RATE, "segment_seconds": SEGMENT_SECONDS,
+                        "hop_seconds": hop_seconds, "num_mel_bins": f.num_mel_bins, "max_length": f.max_length,
+                        "mean": f.mean, "std": f.std,
+                    }
+                )
             return
         self.check_model(model)
 
@@ -76,25 +77,51 @@ class Collection:
     # -- the FAISS file ---------------------------------------------------
     def load_index(self) -> tuple[VectorIndex, SyncReport | None]:
         """The index as of the last commit; repaired from SQLite (in memory) when stale or damaged."""
-        meta = self.meta
         index = self._read_index()
-        if index is not None and meta.get("index_generation") == meta.get("generation", "0"):
-            return index, None
-        index, report = sync_index(index, self.store, self.index_options())
-        held = self._lock_fd is not None
-        if held or self._try_lock():
-            try:
-                self._save(index, meta.get("generation", "0"))
-            finally:
-                if not held:
-                    self.unlock()
+        with self.store.snapshot():
+            if index is not None and index.generation == self.store.generation:
+                return index, None
+            index, report = self._sync(index)
+        self._save_if_free(index)
         return index, report
 
+    def _save_if_free(self, index: VectorIndex) -> None:
+        """A reader saves its repair when no one is writing; one that may not write here keeps it in memory."""
+        held = self._lock_fd is not None
+        try:
+            if not (held or self._try_lock()):
+                return
+        except OSError:
+            return
+        try:
+            self._save(index)
+        except IndexWriteError:
+            pass
+        finally:
+            if not held:
+                self.unlock()
+
     def refresh_index(self, index: VectorIndex | None = None) -> tuple[VectorIndex, SyncReport]:
-        """Writer only: bring the FAISS file up to date with SQLite and save it atomically."""
-        generation = self.meta.get("generation", "0")
-        index, report = sync_index(index if index is not None else self._read_index(), self.store, self.index_options())
-        self._save(index, generation)
+        """Writer only: bring the FAISS file up to date with SQLite and save it atomically (if it was not)."""
+        with self.store.snapshot():
+            index = index if index is not None else self._read_index()
+            if index is not None and index.generation == self.store.generation:
+                return index, SyncReport(added=0, removed=0, rebuilt=False, reason=None)
+            index, report = self._sync(index)
+        self._save(index)
+        return index, report
+
+    def rebuild_index(self) -> VectorIndex:
+        """Writer only: build the FAISS file afresh from SQLite, trusting nothing in the old one."""
+        with self.store.snapshot():
+            index, _ = self._sync(None)
+        self._save(index)
+        return index
+
+    def _sync(self, index: VectorIndex | None) -> tuple[VectorIndex, SyncReport]:
+        """Call inside a snapshot: `index` brought up to the snapshot's state and tagged with its generation."""
+        index, report = sync_index(index, self.store, self.index_options())
+        index.generation = self.store.generation
         return index, report
 
     def index_options(self) -> IndexOptions:
@@ -109,9 +136,19 @@ class Collection:
         except IndexCorrupt:
             return None
 
-    def _save(self, index: VectorIndex, generation: str) -> None:
-        index.save(self.index_path)
-        self.store.set_meta({"index_generation": generation})
+    def _save(self, index: VectorIndex) -> None:
+        """Lock holder only: no one else is saving, so temp files left here are from a killed save."""
+        try:
+            for stale in self.stale_temp_files():
+                stale.unlink(missing_ok=True)
+            index.save(self.index_path)
+        except OSError as e:
+            raise IndexWriteError(f"cannot save {self.index_path} ({e.strerror or e}); searches still work, "
+                                  "from SQLite, and the next ingest saves it") from e
+
+    def stale_temp_files(self) -> list[Path]:
+        """Temp files of index saves (VectorIndex.save names them so); stale unless a save is running."""
+        return sorted(self.dir.glob(f".{INDEX_FILE}.*.tmp"))
 
     # -- the single-writer lock -------------------------------------------
     @contextmanager
@@ -158,7 +195,7 @@ def collection_info(index_dir: str | Path, *, errors: bool = False) -> dict:
             "hours": round(stats["hours"], 4),
             "hop_seconds": float(meta.get("hop_seconds", SEGMENT_SECONDS)),
             "vector_index": index.describe() if index else None,
-            "index_current": meta.get("index_generation") == meta.get("generation", "0"),
+            "index_current": index is not None and index.generation == store.generation,
             "size_bytes": sum(p.stat().st_size for p in collection.dir.iterdir() if p.is_file()),
         }
         if errors:

@@ -39,3 +39,7 @@ class NoAudioFiles(AudiosearchError):
 
 class FeatureFileError(AudiosearchError):
     """A feature file cannot be written or read as asked."""
+
+
+class IndexWriteError(AudiosearchError):
+    """The index could not be written (disk full, I/O error); what was committed before is kept."""

@@ -35,11 +35,14 @@ MIN_POINTS_PER_LIST = 39  # FAISS warns below this: k-means has too little data 
 MAX_POINTS_PER_LIST = 256  # FAISS subsamples above this anyway
 HASHTABLE_BYTES_PER_ID = 48  # std::unordered_map node + bucket, for the memory estimate
 
-# Default nprobe, from `python -m benchmarks.search` on clustered synthetic
-# 768-d unit vectors (see benchmarks/search_results.md). The smallest nprobe
-# giving mean recall@10 >= 0.99 without a filter was 4 at nlist 256 (n=10k),
-# 12 at nlist 1265 (n=100k) and 16 at nlist 4000 (n=1M); this rule takes
-# about 1.5x that for margin, because real embeddings are less clustered.
+# Default nprobe for an unfiltered search, from `python -m benchmarks.search`
+# (clustered synthetic 768-d unit vectors, see benchmarks/search_results.md).
+# Mean recall@10 against exact search by nprobe:
+#   n=10k,  nlist 256:  8 -> 0.987,  12 -> 0.9915, 16 -> 0.9935, 24 -> 0.996
+#   n=100k, nlist 1265: 8 -> 0.9855, 12 -> 0.991,  24 -> 0.9925, 64 -> 0.9935
+#   n=1M,   nlist 4000: 8 -> 0.992,  16 -> 0.993,  32 -> 0.997,  48 -> 0.999
+# 0.99 is first reached at 8-12; the default is 2-3x that (24, or nlist/128
+# when larger: 32 at 1M) because real embeddings may have a longer tail.
 NPROBE_FRACTION = 1 / 128
 MIN_NPROBE = 24
 
@@ -72,20 +75,22 @@ class IndexCorrupt(Exception):
 class IndexOptions:
     """How to build an index. The defaults suit 2-core laptops up to ~10M segments.
 
-    nlist is about `nlist_per_sqrt_n * sqrt(n)`: the cost of a query is
-    nlist coarse distances plus nprobe * n / nlist vector distances, which is
-    smallest near nlist = sqrt(nprobe * n), i.e. 4 * sqrt(n) at nprobe 16.
+    nlist is about `nlist_per_sqrt_n * sqrt(n)`: a query costs nlist coarse
+    distances plus nprobe * n / nlist vector distances, least near
+    nlist = sqrt(nprobe * n), i.e. 5-6 sqrt(n) at nprobe 24-32. 4 sqrt(n) is
+    a little under that because k-means time grows with nlist squared: at 1M
+    vectors (4000 lists) training plus adding took ~4 minutes on 2 cores.
     """
 
     memory_budget_bytes: int = 8 << 30  # above this, store fp16 codes: 10M x 768 then takes ~15 GiB
     device: str = "auto"  # where k-means runs: "auto" (GPU when FAISS sees one), "cpu" or "gpu"
     max_nlist_cpu: int = 4096  # k-means for 65536 lists takes hours on 2 cores
     max_nlist_gpu: int = 65536
-    exact_below: int = 10_000  # fewer segments: one list, exhaustive search (~1 ms a query at 10k)
+    exact_below: int = 10_000  # fewer segments: one list, exhaustive search (< 2 ms a query)
     nlist_per_sqrt_n: float = 4.0
     train_points_per_list: int = 64  # between FAISS' 39 minimum and 256 maximum; k-means cost is linear in it
-    kmeans_iters: int = 10  # FAISS' IVF default; 20 did not change recall in the benchmark
-    rebuild_factor: int = 2  # rebuild when the nlist policy wants 2x more (or fewer) lists: n changed ~4x
+    kmeans_iters: int = 10  # FAISS' default for IVF training
+    rebuild_factor: int = 2  # rebuild when the nlist policy wants 2x more lists (n grew ~4x); see needs_rebuild
     batch_size: int = 16_384  # vectors per add call (48 MiB of float32)
     seed: int = 0
 
@@ -100,23 +105,34 @@ class SyncReport:
     reason: str | None
 
 
+def dense(max_id: int, count: int) -> bool:
+    """Whether per-id arrays up to max_id are affordable for `count` ids (SQLite rowids are)."""
+    return max_id < 8 * count + (1 << 20)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where each id lives, from one walk of the inverted lists.
 
-    `list_of` is indexed by id itself (segment ids are SQLite rowids, so dense):
-    4 bytes per id up to the largest, i.e. 40 MB for 10M segments.
+    When ids are dense (SQLite rowids), `list_of` maps an id straight to its
+    list: 4 bytes per id up to the largest, i.e. 40 MB for 10M segments.
+    Otherwise ids are looked up by binary search.
     """
 
     ids: np.ndarray  # sorted int64
-    list_of: np.ndarray  # int32 list number of each id, -1 for ids not held
+    id_lists: np.ndarray  # int32 list number of ids[i]
     sizes: np.ndarray  # int64 number of ids per list
+    list_of: np.ndarray | None  # int32 list number indexed by id, -1 for ids not held (and one past the end)
 
     def lists(self, ids: np.ndarray) -> np.ndarray:
-        """List number of each id, -1 where the index does not hold it."""
-        inside = (ids >= 0) & (ids < len(self.list_of))
+        """List number of each (non-negative) id, -1 where the index does not hold it."""
+        if self.list_of is not None:
+            return np.take(self.list_of, ids, mode="clip")  # ids past the end clip to the -1 sentinel
         out = np.full(len(ids), -1, dtype=np.int32)
-        out[inside] = self.list_of[ids[inside]]
+        if len(self.ids):
+            pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+            held = self.ids[pos] == ids
+            out[held] = self.id_lists[pos[held]]
         return out
 
 
@@ -149,9 +165,10 @@ def _compressed(n: int, dim: int, options: IndexOptions) -> bool:
 class VectorIndex:
     """A FAISS IVF index with segment ids. Readers may share it; writers need exclusive access."""
 
-    def __init__(self, ivf: faiss.IndexIVF, trained_for: int):
+    def __init__(self, ivf: faiss.IndexIVF, trained_for: int, generation: int | None = None):
         self.ivf = ivf
         self.trained_for = trained_for
+        self.generation = generation  # the store generation this index reflects, saved in the file header
         self._layout: Layout | None = None
         self._lock = threading.Lock()
 
@@ -199,12 +216,14 @@ class VectorIndex:
                 raise IndexCorrupt(path, f"FAISS could not parse it: {str(e).splitlines()[-1][:200]}") from e
             if f.tell() != end:
                 raise IndexCorrupt(path, "FAISS data does not fill the file")
-        return cls(_check_ivf(ivf, path), trained_for=int(meta.get("trained_for", 0)))
+        generation = meta.get("generation") if isinstance(meta.get("generation"), int) else None
+        return cls(_check_ivf(ivf, path), int(meta.get("trained_for", 0)), generation)
 
     def save(self, path: Path) -> None:
         """Write atomically: a temp file in the same folder, fsync, rename over `path`, fsync the folder."""
         path = Path(path)
-        meta = json.dumps({"format": FORMAT_VERSION, "trained_for": self.trained_for}).encode()
+        tag = {"format": FORMAT_VERSION, "trained_for": self.trained_for, "generation": self.generation}
+        meta = json.dumps(tag).encode()
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -228,7 +247,8 @@ class VectorIndex:
         ids, vectors = self._check_batch(ids, vectors)
         dupes = np.intersect1d(ids, self.ids(), assume_unique=True)
         if len(dupes):
-            raise ValueError(f"{len(dupes)} ids are already in the index (first: {int(dupes[0])}); remove them first")
+            first = int(dupes[0])
+            raise ValueError(f"{len(dupes)} ids are already in the index (first: {first}); remove them first")
         self._add(ids, vectors)
 
     def remove(self, ids: np.ndarray) -> int:
@@ -253,6 +273,8 @@ class VectorIndex:
             return self.ivf.reconstruct_batch(ids)
         except RuntimeError as e:
             unknown = np.setdiff1d(ids, self.ids())
+            if len(unknown) == 0:
+                raise
             raise KeyError(f"{len(unknown)} ids are not in the index (first: {int(unknown[0])})") from e
 
     def layout(self) -> Layout:
@@ -263,11 +285,18 @@ class VectorIndex:
             return self._layout
 
     def needs_rebuild(self, n: int, options: IndexOptions = IndexOptions()) -> str | None:
-        """Why an index holding n vectors should be rebuilt, or None if it is fine as it is."""
-        want = plan_nlist(n, options)
-        factor = options.rebuild_factor
-        if want >= factor * self.nlist or self.nlist >= factor * want:
-            return f"{n} segments want {want} lists, the index has {self.nlist} (trained for {self.trained_for})"
+        """Why an index holding n vectors should be rebuilt, or None if it is fine as it is.
+
+        Rebuild when the nlist policy wants `rebuild_factor` times more lists, or
+        fewer lists after n shrank that many times squared (nlist ~ sqrt(n)): the
+        gap between the two thresholds keeps a collection hovering around one
+        of them from being rebuilt at every sync.
+        """
+        want, factor = plan_nlist(n, options), options.rebuild_factor
+        grown = want >= factor * self.nlist
+        shrunk = want < self.nlist and n * factor**2 <= self.trained_for
+        if grown or shrunk:
+            return f"{n} segments call for nlist={want}; the index has {self.nlist} (built for {self.trained_for})"
         if not self.compressed and _compressed(n, self.dim, options):
             gib = n * self.dim * 4 / 2**30
             return f"{n} float32 vectors ({gib:.1f} GiB) exceed the memory budget; storing fp16 instead"
@@ -309,12 +338,17 @@ def _walk_lists(ivf: faiss.IndexIVF) -> Layout:
         chunks.append(faiss.rev_swig_ptr(ptr, int(sizes[i])).copy())
         invlists.release_ids(int(i), ptr)
     ids = np.concatenate(chunks)
-    list_of = np.full(int(ids.max()) + 1 if len(ids) else 0, -1, dtype=np.int32)
-    list_of[ids] = np.repeat(np.arange(ivf.nlist, dtype=np.int32), sizes)
-    ids.sort()
-    for a in (ids, list_of, sizes):
-        a.flags.writeable = False
-    return Layout(ids, list_of, sizes)
+    id_lists = np.repeat(np.arange(ivf.nlist, dtype=np.int32), sizes)
+    order = np.argsort(ids)
+    ids, id_lists = ids[order], id_lists[order]
+    list_of = None
+    if len(ids) and dense(int(ids[-1]), len(ids)):
+        list_of = np.full(int(ids[-1]) + 2, -1, dtype=np.int32)
+        list_of[ids] = id_lists
+    for a in (ids, id_lists, sizes, list_of):
+        if a is not None:
+            a.flags.writeable = False
+    return Layout(ids, id_lists, sizes, list_of)
 
 
 def _read_header(f, path: Path) -> tuple[dict, int]:

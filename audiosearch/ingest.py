@@ -6,15 +6,25 @@ folders are pruned. Results are committed to SQLite file by file in
 transactions, so a run killed at any moment loses at most the files in
 flight, and the next run picks up where it stopped. The FAISS file is
 refreshed from SQLite at checkpoints and at the end.
+
+Bad input never ends a run. A file that cannot be decoded (or whose decoder
+crashes or hangs, see decode_pool) is recorded as failed with its error; one
+shorter than 0.1 s is recorded as skipped; silence is embedded like any other
+sound. Failed and skipped files are not tried again until they change or
+`retry_failed` is set. A truncated file whose header libsndfile can correct
+(WAV, MP3) is indexed from the audio it holds. Folders that cannot be listed
+and file names that are not UTF-8 are reported, and nothing indexed from such
+a folder is pruned.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -23,7 +33,7 @@ from .audio import SEGMENT_SECONDS, is_audio_path
 from .collection import Collection
 from .decode_pool import content_hash
 from .embedder import Embedder, FileEmbedding
-from .errors import AudiosearchError, NoAudioFiles
+from .errors import AudiosearchError, IndexWriteError, NoAudioFiles
 from .index import SyncReport
 from .model import DEFAULT_MODEL, Model
 from .store import FileRow, SegmentResult
@@ -37,6 +47,15 @@ class DiskFile:
     path: str
     size: int
     mtime: float
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """Something under the scanned paths that cannot be indexed, found while scanning."""
+
+    path: str
+    reason: str
+    folder: bool = False  # a folder that could not be listed: the indexed files it held are kept
 
 
 @dataclass
@@ -93,13 +112,15 @@ def ingest(
     """Embed what is new or changed under `paths` into the index at `index_dir`."""
     started = time.perf_counter()
     roots = [Path(os.path.abspath(p)) for p in paths]
-    disk, ignored = scan(roots)
+    unreadable: list[Unreadable] = []
+    disk, ignored = scan(roots, unreadable)
     collection = Collection(index_dir, create=True)
     try:
         with collection.writing():
             summary = _ingest_locked(
-                collection, roots, disk, model=model, device=device, precision=precision, batch_size=batch_size,
-                workers=workers, hop_seconds=hop_seconds, prune=prune, retry_failed=retry_failed, progress=progress,
+                collection, roots, disk, unreadable, model=model, device=device, precision=precision,
+                batch_size=batch_size, workers=workers, hop_seconds=hop_seconds, prune=prune,
+                retry_failed=retry_failed, progress=progress,
             )
     finally:
         collection.close()
@@ -108,17 +129,21 @@ def ingest(
     return summary
 
 
-def _ingest_locked(collection: Collection, roots: list[Path], disk: list[DiskFile], *, model, device, precision,
-                   batch_size, workers, hop_seconds, prune, retry_failed, progress) -> IngestSummary:
+def _ingest_locked(collection: Collection, roots: list[Path], disk: list[DiskFile], unreadable: list[Unreadable], *,
+                   model, device, precision, batch_size, workers, hop_seconds, prune, retry_failed,
+                   progress) -> IngestSummary:
     store = collection.store
-    plan = plan_changes(store.files(), disk, roots, prune=prune, retry_failed=retry_failed)
+    unlisted = [Path(u.path) for u in unreadable if u.folder]
+    plan = plan_changes(store.files(), disk, roots, prune=prune, retry_failed=retry_failed, unlisted=unlisted)
     summary = IngestSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.remove), pruned=prune)
-    with store.transaction():
-        store.delete_files(plan.remove)
-        for old, new in plan.moves:
-            store.move_file(old, _row(new))
-        for f in plan.touches:
-            store.touch_file(f.path, f.size, f.mtime)
+    summary.failed.extend((u.path, u.reason) for u in unreadable)
+    if plan.remove or plan.moves or plan.touches:  # a transaction would bump the generation for nothing
+        with store.transaction():
+            store.delete_files(plan.remove)
+            for old, new in plan.moves:
+                store.move_file(old, _row(new))
+            for f in plan.touches:
+                store.touch_file(f.path, f.size, f.mtime)
     if plan.embed:
         hop = hop_seconds or float(collection.meta.get("hop_seconds", SEGMENT_SECONDS))
         net = Model(model or collection.model_name or DEFAULT_MODEL, device=device, precision=precision)
@@ -131,29 +156,34 @@ def _ingest_locked(collection: Collection, roots: list[Path], disk: list[DiskFil
     return summary
 
 
-def scan(roots: list[Path]) -> tuple[list[DiskFile], int]:
-    """Audio files under the given files and folders (symlinks followed, loops cut), and how many others were ignored."""
+def scan(roots: list[Path], unreadable: list[Unreadable] | None = None) -> tuple[list[DiskFile], int]:
+    """Audio files under the given files and folders (symlinks followed, loops cut), and how many others were ignored.
+
+    Folders that cannot be listed and names that are not valid UTF-8 (SQLite keeps text as UTF-8) are
+    appended to `unreadable`. A broken or looping symlink with an audio name is returned, with the
+    link's own size and time, so that it is recorded as failed rather than silently left out.
+    """
+    unreadable = [] if unreadable is None else unreadable
     found: dict[str, DiskFile] = {}
     ignored = 0
     for root in roots:
         if not root.exists():
             raise AudiosearchError(f"no such file or folder: {root}")
-        for path in _walk(root):
+        for path in _walk(root, unreadable):
             if not is_audio_path(Path(path)):
                 ignored += 1
-                continue
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            found[path] = DiskFile(path, st.st_size, st.st_mtime)
+            elif not _utf8(path):
+                shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+                unreadable.append(Unreadable(shown, "file name is not valid UTF-8; rename the file to index it"))
+            elif (st := disk_stat(path)) is not None:
+                found[path] = DiskFile(path, st.st_size, st.st_mtime)
     if not found:
         where = ", ".join(str(r) for r in roots)
         raise NoAudioFiles(f"no audio files found in {where} (looked for {', '.join(_shown_extensions())})")
     return sorted(found.values(), key=lambda f: f.path), ignored
 
 
-def _walk(root: Path) -> Iterable[str]:
+def _walk(root: Path, unreadable: list[Unreadable]) -> Iterable[str]:
     if root.is_file():
         yield str(root)
         return
@@ -167,25 +197,61 @@ def _walk(root: Path) -> Iterable[str]:
                 continue
             seen.add((st.st_dev, st.st_ino))
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError:
+        except OSError as e:
+            reason = f"cannot list folder: {e.strerror or e}; the files indexed from it are kept"
+            unreadable.append(Unreadable(folder, reason, folder=True))
             continue
         for entry in entries:
-            try:
-                if entry.is_dir():
-                    stack.append(entry.path)
-                elif entry.is_file():
-                    yield entry.path
-            except OSError:
-                continue
+            kind = _kind(entry)
+            if kind == "dir":
+                stack.append(entry.path)
+            elif kind is not None:
+                yield entry.path
+
+
+def _kind(entry: os.DirEntry) -> str | None:
+    """'dir', 'file', 'link' (a symlink that is broken or loops), or None (FIFOs, sockets, entries gone)."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+    except OSError:
+        pass
+    try:
+        return "link" if entry.is_symlink() else None
+    except OSError:
+        return None
+
+
+def disk_stat(path: str) -> os.stat_result | None:
+    """The file's stat, the link's own for a broken symlink, None for a file gone since it was listed."""
+    for stat in (os.stat, os.lstat):
+        try:
+            return stat(path)
+        except OSError:
+            continue
+    return None
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def plan_changes(known: list[FileRow], disk: list[DiskFile], roots: list[Path], *, prune: bool,
-                 retry_failed: bool) -> _Plan:
-    """Sort files into embed / move / touch / remove / unchanged."""
+                 retry_failed: bool, unlisted: Sequence[Path] = ()) -> _Plan:
+    """Sort files into embed / move / touch / remove / unchanged.
+
+    Files under `unlisted` folders (which could not be read this time) are neither pruned nor moved.
+    """
     plan = _Plan()
     by_path = {row.path: row for row in known}
     on_disk = {f.path for f in disk}
-    vanished = [r for r in known if _under(r.path, roots) and r.path not in on_disk]
+    vanished = [r for r in known if _under(r.path, roots) and not _under(r.path, unlisted) and r.path not in on_disk]
     vanished_by_size: dict[int, list[FileRow]] = {}
     for row in vanished:
         if row.status == "ok":
@@ -195,7 +261,7 @@ def plan_changes(known: list[FileRow], disk: list[DiskFile], roots: list[Path], 
         row = by_path.get(f.path)
         if row and row.size == f.size and row.mtime == f.mtime and (row.status == "ok" or not retry_failed):
             plan.unchanged += 1
-        elif row and row.status == "ok" and row.size == f.size and _same_content(f.path, row.hash):
+        elif row and row.status == "ok" and row.size == f.size and same_content(f.path, row.hash):
             plan.touches.append(f)
             plan.unchanged += 1
         elif (source := _moved_from(f, vanished_by_size, moved_from)) is not None:
@@ -219,7 +285,7 @@ def _moved_from(f: DiskFile, vanished_by_size: dict[int, list[FileRow]], taken: 
     return None
 
 
-def _same_content(path: str, digest: str | None) -> bool:
+def same_content(path: str, digest: str | None) -> bool:
     return digest is not None and _hash_or_none(path) == digest
 
 
@@ -230,7 +296,7 @@ def _hash_or_none(path: str) -> str | None:
         return None
 
 
-def _under(path: str, roots: list[Path]) -> bool:
+def _under(path: str, roots: Sequence[Path]) -> bool:
     return any(path == str(r) or path.startswith(str(r).rstrip(os.sep) + os.sep) for r in roots)
 
 
@@ -281,6 +347,7 @@ class _Writer(threading.Thread):
         self.index_dir = index_dir
         self.queue: queue.Queue = queue.Queue(maxsize=256)
         self.error: BaseException | None = None
+        self.ended = False  # the end marker has been taken from the queue
 
     def put(self, result: FileEmbedding) -> None:
         if self.error:
@@ -298,8 +365,8 @@ class _Writer(threading.Thread):
         try:
             self._loop(collection)
         except BaseException as e:
-            self.error = e
-            while self.queue.get() is not None:
+            self.error = _write_error(self.index_dir, e)
+            while not self.ended and self.queue.get() is not None:  # keep the producer from blocking
                 pass
         finally:
             collection.close()
@@ -328,9 +395,20 @@ class _Writer(threading.Thread):
             except queue.Empty:
                 break
             if item is None:
+                self.ended = True
                 return batch, True
             batch.append(item)
         return batch, False
+
+
+def _write_error(index_dir: Path, e: BaseException) -> BaseException:
+    """A full disk or an I/O error becomes one actionable line; anything else is a bug and stays as it is."""
+    if not isinstance(e, (sqlite3.OperationalError, OSError)):
+        return e
+    error = IndexWriteError(f"cannot write to the index at {index_dir} ({e}); the files committed before are kept "
+                            "and the next run resumes from them")
+    error.__cause__ = e
+    return error
 
 
 def _segments(result: FileEmbedding) -> list[SegmentResult]:

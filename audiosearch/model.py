@@ -179,6 +179,9 @@ def _load(name_or_path: str):
             extractor = ASTFeatureExtractor.from_pretrained(source)
     except (OSError, ValueError, EnvironmentError) as e:
         hint = "" if local.exists() else " (not a local directory; offline, pass --model /path/to/a/saved/checkpoint)"
+        if local.is_dir() and not list(local.glob("*.safetensors")):
+            hint = (" (weights load from safetensors only: a pickled .bin checkpoint can run code when loaded; "
+                    "re-save it with save_pretrained(safe_serialization=True))")
         raise ModelLoadError(f"cannot load AST model {name_or_path!r}{hint}: {_first_line(e)}") from e
     return net, extractor
 

@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .doctor import DoctorReport, Finding
 from .embedder import FileEmbedding
 from .export import ExportSummary
 from .ingest import IngestSummary
@@ -150,3 +151,30 @@ def print_info(console: Console, data: dict) -> None:
     console.print(table)
     for e in data.get("errors", []):
         console.print(f"{e['status']:8} {e['path']}: {e['error']}", highlight=False, markup=False)
+
+
+def print_doctor(console: Console, report: DoctorReport) -> None:
+    console.print(f"index {report.index}: {report.files} files, {report.segments} segments", highlight=False)
+    if not report.findings:
+        console.print("[green]all checks passed[/]: SQLite integrity, orphan rows, label counts, "
+                      "FAISS ids and vectors, files on disk")
+    _print_findings(console, report.findings)
+    if report.repairs:
+        console.print("repairs:")
+    for line in report.repairs:
+        console.print(f"  {line}", highlight=False, markup=False)
+    if report.remaining is not None and report.repairs:
+        left = [f for f in report.remaining if f.problem]
+        console.print("after repair:" if left else "[green]after repair: all problems fixed[/]")
+        _print_findings(console, left)
+    if not report.ok:
+        hint = "" if report.remaining is not None else "; 'audiosearch doctor --repair' fixes those marked fixable"
+        console.print(f"[red]the index has problems[/]{hint}", highlight=False)
+
+
+def _print_findings(console: Console, findings: list[Finding]) -> None:
+    for f in findings:
+        kind = "problem" if f.problem else "note"
+        fixable = " [fixable]" if f.problem and f.repairable else ""
+        examples = f" (e.g. {', '.join(f.examples)})" if f.examples else ""
+        console.print(f"  {kind}{fixable}: {f.message}{examples}", highlight=False, markup=False, soft_wrap=True)

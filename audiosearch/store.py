@@ -107,7 +107,13 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA busy_timeout=60000")
         if create:
-            migrations.apply(self.db)
+            self.db.execute("BEGIN IMMEDIATE")  # two first runs must not both create the schema
+            try:
+                migrations.apply(self.db)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         self.db.close()
@@ -175,14 +181,6 @@ class Store:
             sql, args = sql + " WHERE status = ?", (status,)
         return [FileRow(*row) for row in self.db.execute(sql + " ORDER BY path", args).fetchall()]
 
-    def mark_pending(self, paths: list[str]) -> None:
-        """Record that decoding of these files begins, so a crash is not repeated forever."""
-        self.db.conn.executemany(
-            "INSERT INTO files(path, status, attempts, updated) VALUES (?, 'pending', 1, ?) "
-            "ON CONFLICT(path) DO UPDATE SET attempts = attempts + 1, updated = excluded.updated",
-            [(p, time.time()) for p in paths],
-        )
-
     def write_file(self, row: dict, segments: list[SegmentResult]) -> None:
         """Replace a file's segments and record its status (call inside a transaction)."""
         file_id = self._upsert_file(row)
@@ -191,8 +189,8 @@ class Store:
             self._insert_segment(file_id, seg)
 
     def move_file(self, old_path: str, row: dict) -> None:
-        """A file with the same content appeared elsewhere: keep its segments."""
-        self.db.execute("DELETE FROM files WHERE path = ? AND status != 'ok'", (row["path"],))
+        """A file with the same content appeared elsewhere: keep its segments, drop what the new path held."""
+        self.delete_files([row["path"]])
         self.db.execute(
             "UPDATE files SET path = ?, size = ?, mtime = ?, updated = ? WHERE path = ?",
             (row["path"], row["size"], row["mtime"], time.time(), old_path),
@@ -320,6 +318,67 @@ class Store:
         files = dict(self.db.execute("SELECT status, COUNT(*) FROM files GROUP BY status").fetchall())
         seconds = self.db.execute("SELECT COALESCE(SUM(duration), 0) FROM files WHERE status = 'ok'").fetchone()[0]
         return {"files": files, "segments": self.count(), "hours": seconds / 3600}
+
+    # -- consistency, for `audiosearch doctor` -------------------------------
+    def integrity_errors(self) -> list[str]:
+        """What PRAGMA integrity_check found; empty when the database is sound."""
+        found = [row[0] for row in self.db.execute("PRAGMA integrity_check").fetchall()]
+        return [] if found == ["ok"] else found
+
+    def orphan_segments(self) -> list[int]:
+        """Segments whose file row is gone."""
+        return self._ids("SELECT id FROM segments WHERE file_id NOT IN (SELECT id FROM files) ORDER BY id")
+
+    def unsearchable_segments(self) -> list[int]:
+        """Segments of files recorded as failed or skipped, which a search must not return."""
+        return self._ids(
+            "SELECT segments.id FROM segments JOIN files ON files.id = file_id "
+            "WHERE status != 'ok' ORDER BY segments.id"
+        )
+
+    def malformed_segments(self) -> list[int]:
+        """Segments whose vector is not `dim` float32 values (FAISS cannot take them)."""
+        return self._ids("SELECT id FROM segments WHERE length(vector) != ? ORDER BY id", (4 * self.dim,))
+
+    def orphan_label_rows(self) -> int:
+        """segment_labels rows that point at no segment or at no label."""
+        return self.db.execute(
+            "SELECT COUNT(*) FROM segment_labels "
+            "WHERE segment_id NOT IN (SELECT id FROM segments) OR label_id NOT IN (SELECT id FROM labels)"
+        ).fetchone()[0]
+
+    def miscounted_labels(self) -> list[tuple[str, int, int]]:
+        """(label, stored count, actual count) where the two disagree."""
+        return self.db.execute(
+            "SELECT name, count, actual FROM (SELECT name, count, "
+            "(SELECT COUNT(*) FROM segment_labels WHERE label_id = labels.id) AS actual FROM labels) "
+            "WHERE count != actual ORDER BY name"
+        ).fetchall()
+
+    def empty_files(self) -> list[str]:
+        """Files recorded as embedded that have no segments: no search can find them."""
+        rows = self.db.execute(
+            "SELECT path FROM files WHERE status = 'ok' AND id NOT IN (SELECT file_id FROM segments) ORDER BY path"
+        ).fetchall()
+        return [row[0] for row in rows]
+
+    def delete_segments(self, ids: list[int]) -> None:
+        """Delete segments and their label rows by id (call inside a transaction)."""
+        payload = json.dumps([int(i) for i in ids])
+        self.db.execute("DELETE FROM segment_labels WHERE segment_id IN (SELECT value FROM json_each(?))", (payload,))
+        self.db.execute("DELETE FROM segments WHERE id IN (SELECT value FROM json_each(?))", (payload,))
+
+    def delete_orphan_label_rows(self) -> None:
+        self.db.execute(
+            "DELETE FROM segment_labels "
+            "WHERE segment_id NOT IN (SELECT id FROM segments) OR label_id NOT IN (SELECT id FROM labels)"
+        )
+
+    def recount_labels(self) -> None:
+        self.db.execute("UPDATE labels SET count = (SELECT COUNT(*) FROM segment_labels WHERE label_id = labels.id)")
+
+    def _ids(self, sql: str, args: tuple = ()) -> list[int]:
+        return [row[0] for row in self.db.execute(sql, args).fetchall()]
 
 
 def top_labels(scores: np.ndarray) -> list[int]:
