@@ -79,7 +79,7 @@ class IndexOptions:
     distances plus nprobe * n / nlist vector distances, least near
     nlist = sqrt(nprobe * n), i.e. 5-6 sqrt(n) at nprobe 24-32. 4 sqrt(n) is
     a little under that because k-means time grows with nlist squared: at 1M
-    vectors (4000 lists) training plus adding took ~4 minutes on 2 cores.
+    vectors (4000 lists) training plus adding took 3-4 minutes on 2 cores.
     """
 
     memory_budget_bytes: int = 8 << 30  # above this, store fp16 codes: 10M x 768 then takes ~15 GiB

@@ -1,23 +1,25 @@
 """Label-filtered k-NN over a VectorIndex, planned so that results match exact filtered search.
 
-Strategies (all go through the IVF index; none copies vectors out of it):
+Strategies (all search the IVF index in place; none copies vectors out of it):
 
 - ``ivf``: no filter; the ``nprobe`` inverted lists nearest the query.
 - ``exact``: every matching vector. Only the lists holding a match are scanned,
   with an ``IDSelectorBitmap``, so distances are computed for matches only.
-  Reconstructing the matches by id and brute-forcing them was measured slower
-  (hashtable lookups: 36 ms for 10k vectors, vs ~1 ms to scan their lists).
-- ``ivf-filter``: the bitmap selector, probing only lists that hold a match,
-  nprobe about ``base / selectivity``; becomes ``exact`` once that covers every
-  list holding a match.
-- ``postfilter``: for very common labels, an unfiltered search for
-  ``k * margin / selectivity`` candidates kept by ``filter.contains``; it never
-  needs ``filter.ids()``, which is the costly part of a common label in SQLite.
+  Reconstructing the matches by id (hashtable lookups, ~3 us a vector) and
+  brute-forcing them was slower at n=100k: 3.4 vs 1.3 ms for 1000 matches,
+  30 vs 17 ms for 10000.
+- ``ivf-filter``: the same bitmap, probing only the lists that hold a match,
+  nearest first; nprobe grows as the filter gets more selective
+  (_filter_nprobe). Becomes ``exact`` when that covers every list with a match,
+  which is how rare labels end up exact.
+- ``postfilter``: for labels on most segments, an unfiltered search for
+  ``k * margin / selectivity`` candidates, kept if ``filter.contains`` them.
+  It never calls ``filter.ids()``, which costs most for common labels.
 - ``empty``: nothing matches.
 
-A query for which an approximate strategy found fewer than min(k, matches)
-results is re-run with ``exact``. Every call builds its own selectors and
-search parameters, so concurrent readers can share one index.
+Queries an approximate strategy leaves short of min(k, matches) results are
+re-run: postfilter -> ivf-filter -> exact. Every call builds its own selectors
+and search parameters, so concurrent readers can share one index.
 """
 
 from __future__ import annotations
@@ -32,14 +34,31 @@ from typing import Protocol
 import faiss
 import numpy as np
 
-from .index import VectorIndex
+from .index import VectorIndex, dense
 
 STRATEGIES = ("auto", "exact", "ivf", "ivf-filter", "postfilter")
+Result = tuple[np.ndarray, np.ndarray]  # scores [q, k] float32, ids [q, k] int64
 
-# Calibrated with `python -m benchmarks.search` (benchmarks/search_results.md).
-POSTFILTER_MIN_SELECTIVITY = 0.9
+# Calibrated with `python -m benchmarks.search` (see benchmarks/search_results.md;
+# qps are one query per call on a shared 2-core Xeon, recall is recall@10).
+#
+# ivf-filter probes default_nprobe * (1 + SLOPE * (1/s - 1)) lists at selectivity s:
+# the default at s=1, 3/s - 2 times it below. Recall at n=100k (nlist 1265,
+# default 24) probing m * default / s lists:
+#   independent s=0.1: m=1 -> 0.994, m=2 -> 0.999;  s=0.5: m=1 -> 0.989, m=2 -> 0.998
+#   correlated  s=0.5: m=1 -> 0.987, m=2 -> 1.000
+# and at n=1M (nlist 4000, default 32) m=1 already gave >= 0.998. SLOPE 3
+# probes >= 2 * default / s for s <= 0.5 (4x the default at s=0.5, 28x at 0.1).
+FILTER_NPROBE_SLOPE = 3.0
+# postfilter vs ivf-filter, qps at recall >= 0.99 (correlated / independent labels):
+#   s=1:   100k 787 vs 519 / 786 vs 514;  1M 238 vs 85 / 148 vs 47
+#   s=0.5: 100k 233 vs 252 / 270 vs 339;  1M  37 vs 65 /  58 vs 49
+# (correlated: half the queries find too few matches and fall back). The
+# switch sits between; postfilter also spares the app a big `filter.ids()`.
+POSTFILTER_MIN_SELECTIVITY = 0.75
+# Candidates per expected match: margins 1.5, 2 and 3 gave the same recall at
+# 100k (s=0.5 and 1); 1.5 left 3-4% of the queries short at s=0.5, 2 none.
 POSTFILTER_MARGIN = 2.0
-FILTER_NPROBE_FACTOR = 2.0
 
 
 class Filter(Protocol):
@@ -86,8 +105,8 @@ class _Matches:
 
     count: int  # matching ids the index holds
     per_list: np.ndarray  # matches in each inverted list
-    ids: faiss.IDSelectorBitmap
-    lists: faiss.IDSelectorBitmap  # the lists holding a match
+    ids: faiss.IDSelector
+    lists: faiss.IDSelector  # the lists holding a match
 
     @property
     def nonempty(self) -> int:
@@ -118,7 +137,9 @@ def search(
     return scores, ids, plan
 
 
-def _check_args(index, queries, k, filter, strategy, nprobe) -> np.ndarray:
+def _check_args(
+    index: VectorIndex, queries: np.ndarray, k: int, filter: Filter | None, strategy: str, nprobe: int | None
+) -> np.ndarray:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if filter is None and strategy in ("ivf-filter", "postfilter"):
@@ -133,7 +154,7 @@ def _check_args(index, queries, k, filter, strategy, nprobe) -> np.ndarray:
     return queries
 
 
-def _unfiltered(index, queries, k, nprobe, plan) -> tuple[np.ndarray, np.ndarray]:
+def _unfiltered(index: VectorIndex, queries: np.ndarray, k: int, nprobe: int | None, plan: Plan) -> Result:
     p = index.nlist if plan.strategy == "exact" else min(index.nlist, nprobe or index.default_nprobe)
     plan.strategy = "exact" if p >= index.nlist else "ivf"
     plan.nprobe, plan.reason = p, f"no filter: {p} of {index.nlist} lists"
@@ -146,7 +167,9 @@ def _unfiltered(index, queries, k, nprobe, plan) -> tuple[np.ndarray, np.ndarray
     return scores, ids
 
 
-def _filtered(index, queries, k, filter, nprobe, plan) -> tuple[np.ndarray, np.ndarray]:
+def _filtered(
+    index: VectorIndex, queries: np.ndarray, k: int, filter: Filter, nprobe: int | None, plan: Plan
+) -> Result:
     """postfilter -> ivf-filter -> exact: each re-runs the queries the one before left short."""
     with _timed(plan, "filter count"):
         m = plan.matching = int(filter.count())
@@ -163,7 +186,7 @@ def _filtered(index, queries, k, filter, nprobe, plan) -> tuple[np.ndarray, np.n
             return scores, ids
         matches = _resolve(index, filter, plan)
         plan.fallbacks["ivf-filter"] = int(short.sum())
-        p = filter_nprobe(index, selectivity)
+        p = _filter_nprobe(index, selectivity)
         scores[short], ids[short] = _within_matches(index, queries[short], k, matches, p, plan)
     else:
         matches = _resolve(index, filter, plan)
@@ -175,14 +198,17 @@ def _filtered(index, queries, k, filter, nprobe, plan) -> tuple[np.ndarray, np.n
     return scores, ids
 
 
-def filter_nprobe(index: VectorIndex, selectivity: float) -> int:
-    """Lists for ivf-filter: FILTER_NPROBE_FACTOR * default nprobe / selectivity (calibrated above)."""
-    return math.ceil(FILTER_NPROBE_FACTOR * index.default_nprobe / selectivity)
+def _filter_nprobe(index: VectorIndex, selectivity: float) -> int:
+    """Lists to probe under a filter: the default at selectivity 1, growing like 3 / selectivity."""
+    return math.ceil(index.default_nprobe * (1 + FILTER_NPROBE_SLOPE * (1 / selectivity - 1)))
 
 
-def _selective(index, queries, k, matches, selectivity, nprobe, plan) -> tuple[np.ndarray, np.ndarray]:
+def _selective(
+    index: VectorIndex, queries: np.ndarray, k: int, matches: _Matches, selectivity: float, nprobe: int | None,
+    plan: Plan,
+) -> Result:
     """ivf-filter, or exact when that would probe every list holding a match anyway."""
-    p = matches.nonempty if plan.strategy == "exact" else nprobe or filter_nprobe(index, selectivity)
+    p = matches.nonempty if plan.strategy == "exact" else nprobe or _filter_nprobe(index, selectivity)
     if p >= matches.nonempty:
         plan.strategy, plan.nprobe = "exact", matches.nonempty
         plan.reason = f"scan all {matches.nonempty} lists holding the {matches.count} matches"
@@ -192,7 +218,9 @@ def _selective(index, queries, k, matches, selectivity, nprobe, plan) -> tuple[n
     return _within_matches(index, queries, k, matches, p, plan)
 
 
-def _within_matches(index, queries, k, matches, nprobe, plan) -> tuple[np.ndarray, np.ndarray]:
+def _within_matches(
+    index: VectorIndex, queries: np.ndarray, k: int, matches: _Matches, nprobe: int, plan: Plan
+) -> Result:
     """The nprobe nearest lists that hold a match, computing distances for matches only."""
     if matches.nonempty == 0:
         return _empty(len(queries), k)
@@ -200,10 +228,13 @@ def _within_matches(index, queries, k, matches, nprobe, plan) -> tuple[np.ndarra
     return _probe(index, queries, k, p, plan, matches.per_list, sel=matches.ids, lists=matches.lists)
 
 
-def _postfilter(index, queries, k, filter, selectivity, nprobe, plan) -> tuple[np.ndarray, np.ndarray]:
+def _postfilter(
+    index: VectorIndex, queries: np.ndarray, k: int, filter: Filter, selectivity: float, nprobe: int | None,
+    plan: Plan,
+) -> Result:
     """Unfiltered candidates, enough that ~margin * k of them match, then filter.contains."""
     candidates = max(k, min(index.ntotal, math.ceil(k * POSTFILTER_MARGIN / selectivity)))
-    p = min(index.nlist, nprobe or math.ceil(index.default_nprobe / selectivity))
+    p = min(index.nlist, nprobe or _filter_nprobe(index, selectivity))
     plan.nprobe = p
     plan.reason = f"{candidates} unfiltered candidates from {p} lists, kept if they match"
     scores, ids = _probe(index, queries, candidates, p, plan, index.layout().sizes)
@@ -222,7 +253,10 @@ def _short(ids: np.ndarray, want: int) -> np.ndarray:
     return (ids >= 0).sum(axis=1) < want
 
 
-def _probe(index, queries, k, nprobe, plan, weights, sel=None, lists=None) -> tuple[np.ndarray, np.ndarray]:
+def _probe(
+    index: VectorIndex, queries: np.ndarray, k: int, nprobe: int, plan: Plan, weights: np.ndarray,
+    sel: faiss.IDSelector | None = None, lists: faiss.IDSelector | None = None,
+) -> Result:
     """IVF search of the nprobe nearest lists (among `lists`), keeping ids in `sel`.
 
     The coarse step is done here rather than inside FAISS so that lists without a
@@ -248,23 +282,30 @@ def _probe(index, queries, k, nprobe, plan, weights, sel=None, lists=None) -> tu
 def _resolve(index: VectorIndex, filter: Filter, plan: Plan) -> _Matches:
     with _timed(plan, "filter ids"):
         ids = np.asarray(filter.ids(), dtype=np.int64)
+        if len(ids) and ids.min() < 0:
+            ids = ids[ids >= 0]
     with _timed(plan, "layout"):
         layout = index.layout()
-    with _timed(plan, "bitmaps"):
-        ids = ids[ids >= 0]
-        lists = layout.lists(ids)
-        per_list = np.bincount(lists[lists >= 0], minlength=index.nlist)
-        return _Matches(int(per_list.sum()), per_list, _bitmap(ids), _bitmap(np.flatnonzero(per_list)))
+    with _timed(plan, "selectors"):
+        per_list = np.bincount(layout.lists(ids) + 1, minlength=index.nlist + 1)[1:]  # +1: -1 means not held
+        return _Matches(int(per_list.sum()), per_list, _selector(ids), _selector(np.flatnonzero(per_list)))
 
 
-def _bitmap(ids: np.ndarray) -> faiss.IDSelectorBitmap:
-    """IDSelectorBitmap over non-negative ids: built in O(max id) with numpy, O(1) lookups."""
-    mask = np.zeros(int(ids.max()) + 1 if len(ids) else 1, dtype=bool)
+def _selector(ids: np.ndarray) -> faiss.IDSelector:
+    """An IDSelectorBitmap, built in O(max id) with numpy, with O(1) lookups.
+
+    Ids too sparse for a bitmap (not SQLite rowids) get an IDSelectorBatch, a
+    hash set that is slower to build.
+    """
+    top = int(ids.max()) if len(ids) else 0
+    if not dense(top, len(ids)):
+        return faiss.IDSelectorBatch(ids)
+    mask = np.zeros(top + 1, dtype=bool)
     mask[ids] = True
     return faiss.IDSelectorBitmap(np.packbits(mask, bitorder="little"))
 
 
-def _empty(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _empty(n: int, k: int) -> Result:
     return np.full((n, k), -np.inf, dtype=np.float32), np.full((n, k), -1, dtype=np.int64)
 
 
