@@ -61,8 +61,13 @@ def decode_one(key: object, path: str, with_hash: bool) -> Decoded:
         return Decoded(key, path, error=f"cannot read file: {e.strerror or e}")
 
 
-def _worker(conn: Connection, with_hash: bool) -> None:
+def _worker(conn: Connection, with_hash: bool, nice: int = 0) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
     while True:
         try:
             task = conn.recv()
@@ -74,10 +79,15 @@ def _worker(conn: Connection, with_hash: bool) -> None:
 
 
 class DecodePool:
-    """Decode files in `workers` processes (0: in this process), yielding results as they finish."""
+    """Decode files in `workers` processes (0: in this process), yielding results as they finish.
 
-    def __init__(self, workers: int, *, with_hash: bool = False, prefetch: int = 8):
-        self.workers, self.with_hash, self.prefetch = workers, with_hash, prefetch
+    `nice` lowers the workers' scheduling priority: when the model computes on
+    the same CPU cores, decoding then fills the model's idle moments instead of
+    slowing every one of its threads (a parallel op runs at its slowest thread's pace).
+    """
+
+    def __init__(self, workers: int, *, with_hash: bool = False, prefetch: int = 8, nice: int = 0):
+        self.workers, self.with_hash, self.prefetch, self.nice = workers, with_hash, prefetch, nice
 
     def map(self, tasks: Iterable[tuple[object, str]]) -> Iterator[Decoded]:
         """Yield one Decoded per (key, path) task, in completion order."""
@@ -100,8 +110,10 @@ class DecodePool:
 
     def _run(self, tasks: Iterator[tuple[object, str]], out: queue.Queue, stop: threading.Event) -> None:
         ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-        slots = [_Slot(ctx, self.with_hash) for _ in range(self.workers)]
-        try:
+        slots: list[_Slot] = []
+        try:  # starting a worker can fail too (e.g. inside a daemonic process): never leave map() waiting
+            for _ in range(self.workers):
+                slots.append(_Slot(ctx, self.with_hash, self.nice))
             self._loop(slots, tasks, out, stop)
             out.put(_DONE)
         except BaseException as e:  # hand any failure to the consuming thread
@@ -132,15 +144,15 @@ class DecodePool:
 class _Slot:
     """One worker process and the task it holds."""
 
-    def __init__(self, ctx, with_hash: bool):
-        self.ctx, self.with_hash = ctx, with_hash
+    def __init__(self, ctx, with_hash: bool, nice: int = 0):
+        self.ctx, self.with_hash, self.nice = ctx, with_hash, nice
         self.task: tuple[object, str] | None = None
         self.started = 0.0
         self._spawn()
 
     def _spawn(self) -> None:
         self.conn, child = self.ctx.Pipe()
-        self.proc = self.ctx.Process(target=_worker, args=(child, self.with_hash), daemon=True)
+        self.proc = self.ctx.Process(target=_worker, args=(child, self.with_hash, self.nice), daemon=True)
         self.proc.start()
         child.close()
 

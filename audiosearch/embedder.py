@@ -48,7 +48,12 @@ class FileEmbedding:
     hash: str | None = None
 
 
+DECODE_NICE = 10  # decoders' niceness when the model runs on the CPU
+
+
 def default_batch_size(device: torch.device) -> int:
+    """GPUs want big batches. On a CPU throughput levels off by 8 (bf16 AST, 2-core AMX Xeon:
+    3.2 segments/s at 2, 3.35 at 4, 3.45 at 8 and 16; benchmarks/ingest_results.md)."""
     return 64 if device.type == "cuda" else 8
 
 
@@ -83,6 +88,8 @@ class Embedder:
         self.model = model if isinstance(model, Model) else Model(model, device=device, precision=precision)
         self.batch_size = batch_size or default_batch_size(self.model.device)
         self.workers = default_workers(self.model.device) if workers is None else workers
+        # On a CPU the model's threads own every core: decoders yield to them (see DecodePool).
+        self.decode_nice = 0 if self.model.device.type == "cuda" else DECODE_NICE
         self.hop_seconds = hop_seconds
         self.tokens = tokens
         # On a GPU one batch is in flight while the next is filled: two pinned staging slots, so
@@ -120,7 +127,7 @@ class Embedder:
         """Embed (key, path) tasks; the key comes back on each FileEmbedding."""
         pending: list[tuple[_Job, int, Segment]] = []
         self._in_flight = None  # whatever an abandoned run left behind
-        for decoded in DecodePool(self.workers, with_hash=with_hash).map(tasks):
+        for decoded in DecodePool(self.workers, with_hash=with_hash, nice=self.decode_nice).map(tasks):
             job = self._job(decoded)
             if job.done:
                 yield job.result

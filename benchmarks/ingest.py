@@ -1,0 +1,482 @@
+"""Ingest benchmark: `audiosearch ingest` against the reference path and the bare model.
+
+    python -m benchmarks.ingest [--device auto] [--files 96] [--batch-size B] [--precision auto]
+                                [--workers W] [--rounds 3] [--json]
+
+A library of `--files` files (3..60 s, WAV/FLAC/OGG/MP3, 16..48 kHz, mono and
+stereo) is generated once under benchmarks/.cache, with a full-size AST
+(ASTConfig defaults, 527 labels) with random weights: the compute is the real
+model's. Three paths are timed side by side, round-robin in `--rounds` rounds
+so that a machine shared with other work slows them alike:
+
+  reference  what a user would write: per file, soundfile decode + soxr
+             resample to 16 kHz, 10.24 s segments, ASTFeatureExtractor, then
+             ASTForAudioClassification in float32, one segment at a time
+             (run on the first files of each round's shard, ~--ref-segments in all)
+  ingest     `audiosearch.ingest.ingest` into a fresh index: everything it does
+             (scan, model load, decoding, features, model, SQLite, FAISS);
+             Python imports are done before the clock starts
+  forward    `Model.forward_features` alone on random features, at the same
+             batch size and precision as ingest
+
+Each path runs in its own process, so its peak RSS (and peak GPU memory) is its
+own. TFLOP/s comes from the model's FLOP count (`flops_per_segment`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CACHE = Path(__file__).parent / ".cache"
+FORMATS = [("wav", {}), ("flac", {}), ("ogg", {}), ("mp3", {"format": "MP3"})]
+RATES = [16000, 22050, 32000, 44100, 48000]
+MIN_LEN, MAX_LEN = 3.0, 60.0
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def flops_per_segment(config) -> float:
+    """Forward FLOPs (2 per multiply-add) of ASTForAudioClassification on one 10.24 s segment.
+
+    Patch embedding (a conv, i.e. a [patches, 16*16] x [256, D] matmul), then per layer
+    the Q, K, V and output projections (4 N D^2), the MLP (2 N D I), the attention
+    scores and their weighted sum (2 N^2 D), over N = patches + 2 tokens; then the head.
+    Norms, softmax, GELU and residual adds are O(N D) and left out (< 0.3%).
+    """
+    c = config
+    f = (c.num_mel_bins - c.patch_size) // c.frequency_stride + 1
+    t = (c.max_length - c.patch_size) // c.time_stride + 1
+    patches, d = f * t, c.hidden_size
+    n = patches + 2
+    embed = patches * d * c.patch_size * c.patch_size
+    layer = 4 * n * d * d + 2 * n * d * c.intermediate_size + 2 * n * n * d
+    head = d * c.num_labels
+    return 2.0 * (embed + c.num_hidden_layers * layer + head)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def checkpoint(cache: Path) -> Path:
+    """The full-size random AST, saved once."""
+    from audiosearch import synthetic
+
+    path = cache / "ast-random-full"
+    if not (path / "config.json").exists():
+        tmp = cache / "ast-random-full.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        synthetic.save_random_checkpoint(tmp)
+        tmp.rename(path)
+    return path
+
+
+def _signal(rng: np.random.Generator, seconds: float, rate: int) -> np.ndarray:
+    """A few seconds-long scenes: tone chords, filtered noise, chirps and clicks."""
+    from audiosearch import synthetic as syn
+
+    out, pos, n = np.zeros(int(seconds * rate), dtype=np.float32), 0, int(seconds * rate)
+    while pos < n:
+        span = min(n - pos, int(rng.uniform(2.0, 8.0) * rate))
+        kind = rng.integers(4)
+        secs = span / rate
+        if kind == 0:
+            piece = syn.chord(list(rng.uniform(100, 2000, size=3)), secs, rate)
+        elif kind == 1:
+            piece = syn.noise(secs, rate, seed=int(rng.integers(1 << 30)), pink=bool(rng.integers(2)))
+        elif kind == 2:
+            piece = syn.chirp(rng.uniform(50, 500), rng.uniform(1000, rate / 2.5), secs, rate)
+        else:
+            piece = syn.clicks(secs, rate, per_second=float(rng.uniform(2, 20)), amp=0.5)
+        m = min(span, len(piece))
+        out[pos : pos + m] = piece[:m]
+        pos += span
+    return out
+
+
+def library(cache: Path, files: int, rounds: int, seed: int) -> list[Path]:
+    """`files` files in `rounds` shard folders (file i in shard i % rounds), made once and kept."""
+    import soundfile as sf
+
+    root = cache / f"library-{files}-{rounds}-{seed}"
+    done = root / ".complete"
+    if not done.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        rng = np.random.default_rng(seed)
+        for i in range(files):
+            ext, options = FORMATS[i % len(FORMATS)]
+            rate, channels = int(rng.choice(RATES)), int(rng.integers(1, 3))
+            seconds = float(rng.uniform(MIN_LEN, MAX_LEN))
+            x = _signal(rng, seconds, rate)
+            data = x if channels == 1 else np.stack([x, np.roll(x, rate // 100)], axis=1)
+            path = root / f"shard{i % rounds}" / f"{i:04d}.{ext}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # in blocks: libsndfile 1.2's Vorbis encoder crashes on one long write
+            with sf.SoundFile(path, "w", rate, channels, **options) as f:
+                for start in range(0, len(data), 1 << 15):
+                    f.write(data[start : start + (1 << 15)])
+        done.write_text("")
+    return [root / f"shard{r}" for r in range(rounds)]
+
+
+# --------------------------------------------------------------------------- the three paths (in child processes)
+
+
+def _ref_segments(x: np.ndarray) -> list[np.ndarray]:
+    """10.24 s pieces; a trailing piece under 1 s is dropped (the count audiosearch makes)."""
+    size, out = 163840, []
+    for start in range(0, max(len(x), 1), size):
+        piece = x[start : start + size]
+        if start > 0 and len(piece) < 16000:
+            break
+        out.append(piece)
+    return out
+
+
+class Reference:
+    """The straightforward Hugging Face loop, float32, one segment at a time."""
+
+    def __init__(self, args, ckpt: Path):
+        import torch
+        from transformers import ASTFeatureExtractor, ASTForAudioClassification
+
+        self.torch = torch
+        self.device = torch.device(_device(args.device))
+        self.extractor = ASTFeatureExtractor.from_pretrained(ckpt)
+        self.net = ASTForAudioClassification.from_pretrained(ckpt).to(self.device).eval()
+        self.warm = False
+
+    def embed_file(self, path: Path) -> int:
+        import soundfile as sf
+        import soxr
+
+        torch = self.torch
+        x, rate = sf.read(path, dtype="float32", always_2d=True)
+        x = soxr.resample(x.mean(axis=1), rate, 16000)
+        pieces = _ref_segments(x)
+        for piece in pieces:
+            inputs = self.extractor(piece, sampling_rate=16000, return_tensors="pt")
+            with torch.inference_mode():
+                out = self.net.audio_spectrogram_transformer(inputs["input_values"].to(self.device))
+                logits = self.net.classifier(out.pooler_output)
+                emb = torch.nn.functional.normalize(out.pooler_output, dim=-1)
+                _ = emb.cpu().numpy(), torch.sigmoid(logits).cpu().numpy()
+        return len(pieces)
+
+    def round(self, shard: Path, want_segments: int) -> dict:
+        files = sorted(p for p in shard.iterdir() if p.is_file())
+        if not self.warm:  # first call pays one-off allocator/oneDNN set-up: not what we time
+            self.embed_file(files[0])
+            self.warm = True
+        segments, used = 0, 0
+        start = time.perf_counter()
+        for path in files:
+            segments += self.embed_file(path)
+            used += 1
+            if segments >= want_segments:
+                break
+        return {"segments": segments, "files": used, "seconds": time.perf_counter() - start}
+
+
+class Ingest:
+    """`audiosearch ingest` as the library runs it, into a fresh index each round."""
+
+    def __init__(self, args, ckpt: Path):
+        from transformers import ASTForAudioClassification  # noqa: F401  (resolve the lazy import now)
+
+        # Python imports (~5 s, once per process) stay outside the timing, as for the other paths;
+        # everything ingest() does (model load from disk included) is timed, every round.
+        self.args, self.ckpt = args, ckpt
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+
+    def round(self, shard: Path, _want: int) -> dict:
+        from audiosearch.ingest import ingest
+
+        index = self.tmp / shard.name
+        shutil.rmtree(index, ignore_errors=True)
+        start = time.perf_counter()
+        s = ingest(
+            [shard], index_dir=index, model=str(self.ckpt), device=self.args.device, precision=self.args.precision,
+            batch_size=self.args.batch_size, workers=self.args.workers,
+        )
+        seconds = time.perf_counter() - start
+        if s.failed or s.skipped:
+            raise RuntimeError(f"ingest failed files: {s.failed + s.skipped}")
+        return {"segments": s.segments, "files": s.added, "seconds": seconds}
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class Forward:
+    """The bare network at ingest's batch size and precision, on random features."""
+
+    def __init__(self, args, ckpt: Path):
+        import torch
+
+        from audiosearch.embedder import default_batch_size
+        from audiosearch.model import Model
+
+        self.torch = torch
+        self.model = Model(str(ckpt), device=args.device, precision=args.precision)
+        self.batch = args.batch_size or default_batch_size(self.model.device)
+        self.batches = args.forward_batches
+        c = self.model.features
+        self.x = torch.randn(self.batch, c.max_length, c.num_mel_bins, device=self.model.device)
+        self.run(1)  # warm-up
+
+    def run(self, batches: int) -> None:
+        """Queue `batches` forward passes, then bring their outputs back (ingest keeps one batch
+        in flight too; a per-batch sync here would only slow the bare figure on a GPU)."""
+        outs = [self.model.forward_features(self.x)[:2] for _ in range(batches)]
+        _ = [(pooled.float().cpu(), logits.float().cpu()) for pooled, logits in outs]
+
+    def round(self, _shard: Path, _want: int) -> dict:
+        start = time.perf_counter()
+        self.run(self.batches)
+        return {"segments": self.batch * self.batches, "files": 0, "seconds": time.perf_counter() - start}
+
+
+PATHS = {"reference": Reference, "ingest": Ingest, "forward": Forward}
+
+
+def _device(device: str) -> str:
+    from audiosearch.model import resolve_device
+
+    return str(resolve_device(device))
+
+
+def _serve(name: str, args: argparse.Namespace, ckpt: Path, conn) -> None:
+    """Child process: build the path once, then time one round per request."""
+    try:
+        path = PATHS[name](args, ckpt)
+        conn.send(("ready", None))
+        while (request := conn.recv()) is not None:
+            shard, want = request
+            conn.send(("round", path.round(Path(shard), want)))
+        if hasattr(path, "close"):
+            path.close()
+        conn.send(("done", _memory(args)))
+    except BaseException as e:  # report, so the parent can stop cleanly
+        import traceback
+
+        conn.send(("error", f"{name}: {e!r}\n{traceback.format_exc()}"))
+
+
+def _memory(args) -> dict:
+    import torch
+
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    out = {"peak_rss_mib": usage, "peak_child_rss_mib": children}
+    if torch.cuda.is_available() and _device(args.device).startswith("cuda"):
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import ASTConfig
+
+    from audiosearch.embedder import default_batch_size, default_workers
+    from audiosearch.model import resolve_device, resolve_precision
+
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    ckpt = checkpoint(cache)
+    shards = library(cache, args.files, args.rounds, args.seed)
+    setup_s = time.perf_counter() - t0
+
+    device = resolve_device(args.device)
+    config = ASTConfig.from_pretrained(ckpt)
+    gflop = flops_per_segment(config) / 1e9
+    result = {
+        "command": "python -m benchmarks.ingest " + " ".join(sys.argv[1:]),
+        "machine": _machine(device),
+        "device": str(device),
+        "precision": resolve_precision(args.precision, device),
+        "batch_size": args.batch_size or default_batch_size(device),
+        "workers": default_workers(device) if args.workers is None else args.workers,
+        "torch_threads": torch.get_num_threads(),
+        "files": args.files,
+        "rounds": args.rounds,
+        "gflop_per_segment": gflop,
+        "setup_seconds": setup_s,
+        "load_before": os.getloadavg(),
+    }
+
+    ctx = mp.get_context("spawn")
+    children = {}
+    for name in PATHS:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_serve, args=(name, args, ckpt, child))  # not daemonic: ingest forks decoders
+        proc.start()
+        children[name] = (proc, parent)
+    try:
+        for name, (_, conn) in children.items():
+            _expect(conn, "ready")
+        rounds = {name: [] for name in PATHS}
+        want = max(1, args.ref_segments // args.rounds)
+        for r, shard in enumerate(shards):
+            for name, (_, conn) in children.items():
+                conn.send((str(shard), want))
+                rounds[name].append(_expect(conn, "round"))
+                _say(args, f"round {r + 1}/{args.rounds} {name}: {_rate(rounds[name][-1]):.3f} segments/s "
+                     f"(load average {os.getloadavg()[0]:.2f})")
+        memory = {}
+        for name, (_, conn) in children.items():
+            conn.send(None)
+            memory[name] = _expect(conn, "done")
+    finally:
+        for proc, _ in children.values():
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+
+    result["load_after"] = os.getloadavg()
+    result["paths"] = {}
+    for name in PATHS:
+        segments = sum(x["segments"] for x in rounds[name])
+        seconds = sum(x["seconds"] for x in rounds[name])
+        rate = segments / seconds
+        per_round = [_rate(x) for x in rounds[name]]
+        median = statistics.median(per_round)
+        result["paths"][name] = {
+            "segments": segments, "files": sum(x["files"] for x in rounds[name]), "seconds": seconds,
+            "segments_per_s": rate, "rounds": per_round, "median_segments_per_s": median,
+            "tflops": median * gflop / 1e3, **memory[name],
+        }
+    p = result["paths"]
+    # Headline ratios use each path's median round: on a shared machine another job can slow
+    # any one round of any one path; the all-rounds ratios are kept alongside.
+    for other, key in (("reference", "ingest_over_reference"), ("forward", "ingest_over_forward")):
+        result[key] = p["ingest"]["median_segments_per_s"] / p[other]["median_segments_per_s"]
+        result[key + "_all_rounds"] = p["ingest"]["segments_per_s"] / p[other]["segments_per_s"]
+    result["wall_seconds"] = time.perf_counter() - t0
+    return result
+
+
+def _expect(conn, kind: str):
+    got, payload = conn.recv()
+    if got == "error":
+        raise RuntimeError(payload)
+    assert got == kind, (got, kind)
+    return payload
+
+
+def _rate(x: dict) -> float:
+    return x["segments"] / x["seconds"]
+
+
+def _say(args, text: str) -> None:
+    if not args.json:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _machine(device) -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores"
+    if device.type == "cuda":
+        text += f", {torch.cuda.get_device_name(device)}"
+    return text
+
+
+def print_report(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=150)  # the table stays whole when piped to a file
+    console.print(f"[bold]{r['command']}[/]")
+    console.print(
+        f"{r['machine']}; device {r['device']}, precision {r['precision']}, batch {r['batch_size']}, "
+        f"decode workers {r['workers']}, torch threads {r['torch_threads']}; "
+        f"{r['gflop_per_segment']:.1f} GFLOP/segment; load avg {r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f}"
+    )
+    table = Table()
+    for col in ("path", "segments", "files", "seconds", "segments/s", "per round", "median", "TFLOP/s", "peak RSS MiB"):
+        table.add_column(col, justify="left" if col == "path" else "right")
+    gpu = any("peak_gpu_mib" in p for p in r["paths"].values())
+    if gpu:
+        table.add_column("peak GPU MiB", justify="right")
+    labels = {
+        "reference": "(1) reference (HF, fp32, 1 at a time)",
+        "ingest": "(2) audiosearch ingest, end to end",
+        "forward": "(3) bare forward, same batch+precision",
+    }
+    for name, p in r["paths"].items():
+        row = [
+            labels[name], str(p["segments"]), str(p["files"]), f"{p['seconds']:.1f}", f"{p['segments_per_s']:.3f}",
+            " ".join(f"{x:.3f}" for x in p["rounds"]), f"{p['median_segments_per_s']:.3f}", f"{p['tflops']:.3f}",
+            f"{p['peak_rss_mib']:.0f}" + (f" (decoders {p['peak_child_rss_mib']:.0f}*)" if name == "ingest" else ""),
+        ]
+        if gpu:
+            row.append(f"{p.get('peak_gpu_mib', 0):.0f}")
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        f"medians: ingest / reference = [bold]{r['ingest_over_reference']:.2f}x[/]   "
+        f"ingest / bare forward = [bold]{r['ingest_over_forward']:.2f}x[/]   "
+        f"(all rounds pooled: {r['ingest_over_reference_all_rounds']:.2f}x and {r['ingest_over_forward_all_rounds']:.2f}x)"
+    )
+    console.print(
+        f"TFLOP/s at the median rate; * a decoder's RSS counts the model pages it shares with its parent. "
+        f"Wall {r['wall_seconds']:.0f} s, of which setup {r['setup_seconds']:.0f} s."
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--files", type=int, default=96, help="library size (split across rounds)")
+    parser.add_argument("--batch-size", type=int, default=None, help="ingest's batch size (default: ingest's own)")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--workers", type=int, default=None, help="decode workers (default: ingest's own)")
+    parser.add_argument("--rounds", type=int, default=3, help="round-robin repetitions of the three paths")
+    parser.add_argument("--ref-segments", type=int, default=30, help="segments the reference path embeds in all")
+    parser.add_argument("--forward-batches", type=int, default=None, help="timed batches per round (default: ~1/3 of ingest's segments)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default=str(CACHE))
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    args = parser.parse_args(argv)
+    if args.forward_batches is None:
+        from audiosearch.embedder import default_batch_size
+        from audiosearch.model import resolve_device
+
+        batch = args.batch_size or default_batch_size(resolve_device(args.device))
+        # ~1/3 of the segments ingest sees per round (files average ~3.5 segments)
+        args.forward_batches = max(2, round(args.files / args.rounds * 3.5 / 3 / batch))
+    result = run(args)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_report(result)
+
+
+if __name__ == "__main__":
+    main()

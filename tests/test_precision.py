@@ -1,0 +1,132 @@
+"""The embeddings are the model's: float32 matches the Hugging Face reference, bf16 matches float32.
+
+Reference path: each 16 kHz segment through `ASTFeatureExtractor` (float64
+numpy fbank) and `ASTForAudioClassification` one at a time, pooled output
+L2-normalised, label scores the sigmoid of the logits. Our path: the whole
+pipeline (decode workers, segments batched across files, batched torch
+features, the model at the chosen precision).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from audiosearch import synthetic as syn
+from audiosearch.audio import decode, segment
+from audiosearch.embedder import Embedder
+from audiosearch.model import Model, fingerprint
+
+from .conftest import LIBRARY
+
+BATCH = 3  # smaller than most files' segment counts: batches straddle files
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory) -> Path:
+    """Full AST depth (12 layers) at a small width: bf16 rounding accumulates over depth, not width."""
+    path = tmp_path_factory.mktemp("model") / "deep-ast"
+    return syn.save_random_checkpoint(path, hidden_size=192, num_hidden_layers=12, num_attention_heads=3,
+                                      intermediate_size=768)
+
+
+@pytest.fixture(params=["tiny", "deep"])
+def checkpoint(request, tiny_model, deep_model) -> Path:
+    return tiny_model if request.param == "tiny" else deep_model
+
+
+def library_files(library: Path) -> list[str]:
+    return [str(library / rel) for rel, *_ in LIBRARY]
+
+
+def pipeline(checkpoint: Path, files: list[str], precision: str, **options) -> dict[tuple[str, float], tuple]:
+    """(path, start) -> (embedding, scores) through the whole pipeline on the CPU."""
+    embedder = Embedder(str(checkpoint), device="cpu", precision=precision, batch_size=BATCH, **options)
+    out = {}
+    for f in embedder.embed_files(files):
+        assert f.status == "ok", f.error
+        for s in f.segments:
+            out[(f.path, s.start)] = (s.embedding, s.scores)
+    return out
+
+
+def reference(checkpoint: Path, files: list[str]) -> dict[tuple[str, float], tuple]:
+    """(path, start) -> (embedding, scores) the Hugging Face way, one segment at a time, float32."""
+    from transformers import ASTFeatureExtractor, ASTForAudioClassification
+
+    net = ASTForAudioClassification.from_pretrained(checkpoint).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        extractor = ASTFeatureExtractor.from_pretrained(checkpoint)
+    out = {}
+    for path in files:
+        for piece in segment(decode(path).samples):
+            feats = extractor(piece.samples, sampling_rate=16000, return_tensors="pt")["input_values"]
+            with torch.inference_mode():
+                pooled = net.audio_spectrogram_transformer(feats).pooler_output
+                logits = net.classifier(pooled)
+            emb = torch.nn.functional.normalize(pooled, dim=-1)[0].numpy()
+            out[(path, piece.start)] = (emb, torch.sigmoid(logits)[0].numpy())
+    return out
+
+
+def cosines(a: dict, b: dict) -> np.ndarray:
+    assert a.keys() == b.keys()
+    return np.array([float(np.dot(a[k][0], b[k][0])) for k in a])
+
+
+def test_fp32_pipeline_is_the_hugging_face_model(checkpoint, library):
+    files = library_files(library)
+    ours, ref = pipeline(checkpoint, files, "fp32"), reference(checkpoint, files)
+    assert len(ours) >= 12  # every test clip, the 40 s one as 4 segments
+    cos = cosines(ours, ref)
+    assert cos.min() > 0.99999, cos
+    emb_diff = max(np.abs(ours[k][0] - ref[k][0]).max() for k in ref)
+    score_diff = max(np.abs(ours[k][1] - ref[k][1]).max() for k in ref)
+    assert emb_diff < 5e-5 and score_diff < 5e-5, (emb_diff, score_diff)  # measured: ~4e-6 both
+
+
+def test_bf16_agrees_with_fp32(checkpoint, library):
+    files = library_files(library)
+    full, half = pipeline(checkpoint, files, "fp32"), pipeline(checkpoint, files, "bf16")
+    cos = cosines(full, half)
+    assert cos.min() >= 0.99, cos
+    score_diff = max(np.abs(full[k][1] - half[k][1]).max() for k in full)
+    assert score_diff < 0.02, score_diff  # measured: 5e-3 on the deep model
+
+
+def test_bf16_tokens_are_float32_and_agree(tiny_model):
+    signal = syn.chirp(200, 4000, 8)
+    full = Embedder(str(tiny_model), device="cpu", precision="fp32", tokens=True).embed_waveform(signal, 16000)
+    half = Embedder(str(tiny_model), device="cpu", precision="bf16", tokens=True).embed_waveform(signal, 16000)
+    a, b = full[0].tokens, half[0].tokens
+    assert b.dtype == np.float32 and b.shape == a.shape
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cos.min() >= 0.99
+
+
+def test_batching_does_not_change_embeddings(tiny_model, library):
+    """Across-file batches, in-flight batches and the short last batch give what one segment at a time gives."""
+    files = library_files(library)
+    batched = pipeline(tiny_model, files, "fp32")
+    single = {}
+    embedder = Embedder(str(tiny_model), device="cpu", precision="fp32", batch_size=1, workers=0)
+    for f in embedder.embed_files(files):
+        single.update({(f.path, s.start): (s.embedding, s.scores) for s in f.segments})
+    assert cosines(batched, single).min() > 0.999999
+
+
+def test_fingerprint_does_not_depend_on_precision(tiny_model):
+    assert fingerprint(Model(str(tiny_model), device="cpu", precision="bf16")) == fingerprint(
+        Model(str(tiny_model), device="cpu", precision="fp32")
+    )
+
+
+def test_bf16_casts_the_weights_once(tiny_model):
+    """bf16 runs the network in bf16 (no per-op autocast), float32 stays float32."""
+    assert next(Model(str(tiny_model), device="cpu", precision="bf16").net.parameters()).dtype == torch.bfloat16
+    assert next(Model(str(tiny_model), device="cpu", precision="fp32").net.parameters()).dtype == torch.float32
