@@ -53,7 +53,7 @@ DECODE_NICE = 10  # decoders' niceness when the model runs on the CPU
 
 def default_batch_size(device: torch.device) -> int:
     """GPUs want big batches. On a CPU throughput levels off by 8 (bf16 AST, 2-core AMX Xeon:
-    3.2 segments/s at 2, 3.35 at 4, 3.45 at 8 and 16; benchmarks/ingest_results.md)."""
+    3.2 segments/s at 2, 3.35 at 4, 3.45 at 8 and 16; BENCHMARKS.md)."""
     return 64 if device.type == "cuda" else 8
 
 

@@ -36,7 +36,7 @@ MAX_POINTS_PER_LIST = 256  # FAISS subsamples above this anyway
 HASHTABLE_BYTES_PER_ID = 48  # std::unordered_map node + bucket, for the memory estimate
 
 # Default nprobe for an unfiltered search, from `python -m benchmarks.search`
-# (clustered synthetic 768-d unit vectors, see benchmarks/search_results.md).
+# (clustered synthetic 768-d unit vectors, see BENCHMARKS.md).
 # Mean recall@10 against exact search by nprobe:
 #   n=10k,  nlist 256:  8 -> 0.987,  12 -> 0.9915, 16 -> 0.9935, 24 -> 0.996
 #   n=100k, nlist 1265: 8 -> 0.9855, 12 -> 0.991,  24 -> 0.9925, 64 -> 0.9935

@@ -176,7 +176,7 @@ def keep_freed_memory() -> None:
     with fresh mmaps and returns them to the OS when freed, and trims the heap top above
     128 KiB: a CPU forward pass then page-faults every large activation afresh, each batch.
     On a 2-core AMX Xeon that was ~24% of a bf16 AST forward's time at batch 8 and ~6% at
-    batch 4 (benchmarks/ingest_results.md). Raising both thresholds keeps the memory in the
+    batch 4 (BENCHMARKS.md). Raising both thresholds keeps the memory in the
     heap for the next batch, for ~100 MB more peak RSS. Process-wide, once; skipped off glibc or
     when the MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ environment variables are set.
     """

@@ -39,7 +39,7 @@ from .index import VectorIndex, dense
 STRATEGIES = ("auto", "exact", "ivf", "ivf-filter", "postfilter")
 Result = tuple[np.ndarray, np.ndarray]  # scores [q, k] float32, ids [q, k] int64
 
-# Calibrated with `python -m benchmarks.search` (see benchmarks/search_results.md;
+# Calibrated with `python -m benchmarks.search` (see BENCHMARKS.md;
 # qps are one query per call on a shared 2-core Xeon, recall is recall@10).
 #
 # ivf-filter probes default_nprobe * (1 + SLOPE * (1/s - 1)) lists at selectivity s:
