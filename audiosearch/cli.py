@@ -70,6 +70,9 @@ def ingest(
     hop: Annotated[Optional[float], typer.Option(min=0.1, help="Seconds between segment starts (default: 10.24).")] = None,
     prune: Annotated[bool, typer.Option(help="Forget indexed files that are gone from these folders.")] = True,
     retry_failed: Annotated[bool, typer.Option(help="Try again files that failed before.")] = False,
+    memory_budget: Annotated[Optional[float], typer.Option(
+        min=1e-9, help="GiB of vectors FAISS may hold as float32 before it stores them as float16; "
+        "remembered by the index (default: 8).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed new and changed audio under PATHS into the index.
@@ -84,7 +87,8 @@ def ingest(
     with IngestBar(out, enabled=not as_json) as bar:
         summary = run_ingest(
             paths, index_dir=index, model=model, device=device, precision=precision, batch_size=batch_size,
-            workers=workers, hop_seconds=hop, prune=prune, retry_failed=retry_failed, progress=bar,
+            workers=workers, hop_seconds=hop, prune=prune, retry_failed=retry_failed,
+            memory_budget_gib=memory_budget, progress=bar,
         )
     if as_json:
         print(json.dumps(summary_dict(summary)))

@@ -105,7 +105,8 @@ class Collection:
         """Writer only: bring the FAISS file up to date with SQLite and save it atomically (if it was not)."""
         with self.store.snapshot():
             index = index if index is not None else self._read_index()
-            if index is not None and index.generation == self.store.generation:
+            if (index is not None and index.generation == self.store.generation
+                    and index.needs_rebuild(self.store.count(), self.index_options()) is None):
                 return index, SyncReport(added=0, removed=0, rebuilt=False, reason=None)
             index, report = self._sync(index)
         self._save(index)
@@ -125,8 +126,13 @@ class Collection:
         return index, report
 
     def index_options(self) -> IndexOptions:
-        budget = os.environ.get("AUDIOSEARCH_MEMORY_BUDGET")
+        """The index's memory budget: set by `ingest --memory-budget`, else AUDIOSEARCH_MEMORY_BUDGET (bytes)."""
+        budget = self.meta.get("memory_budget_bytes") or os.environ.get("AUDIOSEARCH_MEMORY_BUDGET")
         return IndexOptions(memory_budget_bytes=int(budget)) if budget else IndexOptions()
+
+    def set_memory_budget(self, gib: float) -> None:
+        """Remember the budget above which vectors are stored compressed; the next refresh applies it."""
+        self.store.set_meta({"memory_budget_bytes": str(int(gib * (1 << 30)))})
 
     def _read_index(self) -> VectorIndex | None:
         if not self.index_path.exists():

@@ -107,9 +107,13 @@ def ingest(
     hop_seconds: float | None = None,
     prune: bool = True,
     retry_failed: bool = False,
+    memory_budget_gib: float | None = None,
     progress: Progress | None = None,
 ) -> IngestSummary:
-    """Embed what is new or changed under `paths` into the index at `index_dir`."""
+    """Embed what is new or changed under `paths` into the index at `index_dir`.
+
+    `memory_budget_gib` is remembered by the index: above it, FAISS keeps vectors as float16.
+    """
     started = time.perf_counter()
     roots = [Path(os.path.abspath(p)) for p in paths]
     unreadable: list[Unreadable] = []
@@ -117,6 +121,8 @@ def ingest(
     collection = Collection(index_dir, create=True)
     try:
         with collection.writing():
+            if memory_budget_gib is not None:
+                collection.set_memory_budget(memory_budget_gib)
             summary = _ingest_locked(
                 collection, roots, disk, unreadable, model=model, device=device, precision=precision,
                 batch_size=batch_size, workers=workers, hop_seconds=hop_seconds, prune=prune,

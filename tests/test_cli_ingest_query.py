@@ -134,3 +134,14 @@ def test_other_model_is_refused(index, library, tmp_path):
     result = runner.invoke(app, ["query", str(library / "tones" / "a440.wav"), "--index", str(index),
                                  "--model", str(other)])
     assert result.exit_code == 1 and "was built with model" in result.output
+
+
+def test_memory_budget_compresses_and_is_remembered(library, tiny_model, tmp_path):
+    index = tmp_path / "small"
+    run("ingest", library, "--index", index, "--model", tiny_model, "--memory-budget", "0.000001")  # ~1 kB
+    info = json.loads(run("info", "--index", index, "--json"))
+    assert "sqfp16" in info["vector_index"]["kind"]
+    hits = query_json(index, tiny_model, library / "tones" / "a440.wav", "--no-filter")
+    assert hits[0]["path"] == str(library / "tones" / "a440.wav") and hits[0]["similarity"] >= 0.99
+    run("ingest", library, "--index", index)
+    assert "sqfp16" in json.loads(run("info", "--index", index, "--json"))["vector_index"]["kind"]
