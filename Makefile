@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test bench bench-search clean
+.PHONY: setup test demo bench bench-search clean
 
 setup: $(VENV)/.installed
 
@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
+demo: setup
+	$(PY) -m tests.demo demo
+
 bench: setup
 	$(PY) -m benchmarks.ingest
 
@@ -21,4 +24,4 @@ bench-search: setup
 	$(PY) -m benchmarks.search
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache demo

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 
 from rich.console import Console
@@ -122,7 +123,8 @@ def print_hits(console: Console, result: QueryResult) -> None:
     table.add_column("labels")
     for hit in result.hits:
         labels = ", ".join(f"{name} ({score:.2f})" for name, score in hit.labels[:3])
-        table.add_row(str(hit.rank), f"{hit.similarity:.4f}", hit.path, f"{hit.start:.2f}-{hit.end:.2f} s", labels)
+        table.add_row(str(hit.rank), f"{hit.similarity:.4f}", escape(shown_path(hit.path)), f"{hit.start:.2f}-{hit.end:.2f} s",
+                      labels)
     console.print(table)
 
 
@@ -178,3 +180,9 @@ def _print_findings(console: Console, findings: list[Finding]) -> None:
         fixable = " [fixable]" if f.problem and f.repairable else ""
         examples = f" (e.g. {', '.join(f.examples)})" if f.examples else ""
         console.print(f"  {kind}{fixable}: {f.message}{examples}", highlight=False, markup=False, soft_wrap=True)
+
+
+def shown_path(path: str) -> str:
+    """Paths under the working directory are shown relative to it; JSON output keeps them absolute."""
+    cwd = os.getcwd().rstrip(os.sep) + os.sep
+    return path[len(cwd):] if path.startswith(cwd) else path

@@ -11,6 +11,9 @@ import torch
 
 from audiosearch import synthetic as syn
 
+TINY_CONFIG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+
+
 def _pooled(net, clips: list[np.ndarray]) -> torch.Tensor:
     """The head's input (layer-normed pooled output) for clips, via the Hugging Face reference path."""
     from transformers import ASTFeatureExtractor
@@ -105,6 +108,6 @@ def library(tmp_path_factory) -> Path:
 def tiny_model(tmp_path_factory, library) -> Path:
     """A 2-layer AST with the 527 AudioSet labels, saved as safetensors with its feature extractor."""
     path = tmp_path_factory.mktemp("model") / "tiny-ast"
-    syn.save_random_checkpoint(path, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    syn.save_random_checkpoint(path, **TINY_CONFIG)
     set_discriminative_head(path, labelled_segments(library))
     return path
