@@ -101,6 +101,7 @@ class Embedder:
             for _ in range(2 if pin else 1)
         ]
         self._next_slot = 0
+        self._slot_pending: list[PendingOutput | None] = [None] * len(self._slots)  # each slot's last batch
         self._in_flight: tuple[list[tuple[_Job, int, Segment]], PendingOutput] | None = None
 
     def embed_files(self, paths: Iterable[str | Path]) -> Iterator[FileEmbedding]:
@@ -162,6 +163,7 @@ class Embedder:
         batch, pending = self._in_flight
         self._in_flight = None
         out = pending.result()
+        self._slot_pending = [None if p is pending else p for p in self._slot_pending]
         for row, (job, index, seg) in enumerate(batch):
             tokens = out.tokens[row].numpy() if out.tokens is not None else None
             emb = SegmentEmbedding(seg.start, seg.end, out.embeddings[row].numpy(), out.scores[row].numpy(), tokens)
@@ -170,8 +172,13 @@ class Embedder:
 
     def _launch(self, segments: list[Segment]) -> PendingOutput:
         """Stage the batch in the next slot (free: its last batch has been collected) and queue it."""
-        waves, lengths = self._slots[self._next_slot]
-        self._next_slot = (self._next_slot + 1) % len(self._slots)
+        slot = self._next_slot
+        waves, lengths = self._slots[slot]
+        self._next_slot = (slot + 1) % len(self._slots)
+        if self._slot_pending[slot] is not None:
+            # Normally collected already; not when a run was abandoned with a batch in flight (or
+            # closed mid-collect): its copy from this slot may still be queued, so wait for it.
+            self._slot_pending[slot].result()
         n = len(segments)
         waves, lengths = waves[:n], lengths[:n]
         for row, seg in enumerate(segments):
@@ -179,7 +186,8 @@ class Embedder:
             waves[row, :size] = torch.from_numpy(seg.samples)
             waves[row, size:] = 0.0
             lengths[row] = size
-        return self.model.launch(waves, lengths, tokens=self.tokens)
+        pending = self._slot_pending[slot] = self.model.launch(waves, lengths, tokens=self.tokens)
+        return pending
 
 
 class _Job:

@@ -425,11 +425,16 @@ def _train(ivf: faiss.IndexIVF, sample: np.ndarray, options: IndexOptions) -> No
     if _use_gpu(options):
         # FAISS' recipe for training a CPU IVF index on GPUs (faiss wiki, FAQ): only the
         # k-means assignment runs there; the quantizer and the index stay on the CPU.
-        ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(ivf.d))
+        # The IVF holds a raw pointer: keep the Python object (which owns the GPU index and its
+        # resources) alive until training is done, or FAISS trains on freed memory. Inner product,
+        # like the CPU path's IndexFlatIP quantizer (spherical k-means).
+        clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
+        ivf.clustering_index = clustering_index
         try:
             ivf.train(sample)
         finally:
             ivf.clustering_index = None
+            del clustering_index
     else:
         ivf.train(sample)
 

@@ -56,9 +56,17 @@ def resolve_device(device: str = "auto") -> torch.device:
     """`auto` means the GPU when torch sees one."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("--device cuda was asked for but torch sees no GPU; use --device cpu")
-    return torch.device(device)
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"--device {device} was asked for but torch sees {torch.cuda.device_count()} GPU(s)")
+    return resolved
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -73,7 +81,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        with torch.cuda.device(device):  # native bf16 only: emulated bf16 (pre-Ampere) is slow
+            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
@@ -145,7 +154,7 @@ class Model:
         # non_blocking copies to the CPU land in pinned memory; the event says when they have
         host = [t.to("cpu", non_blocking=True) for t in outputs]
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))  # the copies' stream, even on cuda:N
         return PendingOutput(ModelOutput(*host), event)
 
     @torch.inference_mode()

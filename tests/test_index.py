@@ -253,3 +253,36 @@ def test_empty_index_saves_and_loads(tmp_path):
     index = VectorIndex.load(path)
     assert (index.ntotal, index.kind, len(index.ids())) == (0, "flat", 0)
     assert index.reconstruct(np.array([], dtype=np.int64)).shape == (0, DIM)
+
+
+def test_gpu_kmeans_keeps_its_clustering_index_alive_while_training(monkeypatch):
+    """The GPU path (simulated with a CPU index): FAISS holds only a raw pointer to
+    `clustering_index`, so the Python object that owns it must outlive `train`."""
+    import faiss
+
+    events: list[str] = []
+
+    class Tracked(faiss.IndexFlatIP):
+        def __del__(self):
+            events.append("freed")
+
+    made: list[faiss.Index] = []
+
+    def to_all_gpus(index, co=None, ngpu=-1):
+        assert index.metric_type == faiss.METRIC_INNER_PRODUCT  # same assignment as the CPU path
+        out = Tracked(index.d)
+        made.append(type(out))
+        return out
+
+    real_train = faiss.IndexIVFFlat.train
+
+    def train(self, x):
+        events.append("train")
+        return real_train(self, x)
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_all_gpus)
+    monkeypatch.setattr(faiss.IndexIVFFlat, "train", train)
+    index = build_index(source(3000), IndexOptions(exact_below=1000, device="gpu"))
+    assert made and events == ["train", "freed"]
+    assert index.kind == "ivf-flat" and index.ntotal == 3000

@@ -130,3 +130,45 @@ def test_bf16_casts_the_weights_once(tiny_model):
     """bf16 runs the network in bf16 (no per-op autocast), float32 stays float32."""
     assert next(Model(str(tiny_model), device="cpu", precision="bf16").net.parameters()).dtype == torch.bfloat16
     assert next(Model(str(tiny_model), device="cpu", precision="fp32").net.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", ["gpu", "tpu", "mps", "cuda:x"])
+def test_unknown_device_is_a_clear_error(device):
+    from audiosearch.errors import ModelLoadError
+    from audiosearch.model import resolve_device
+
+    with pytest.raises(ModelLoadError, match="device"):
+        resolve_device(device)
+
+
+def test_a_staging_slot_is_not_rewritten_while_its_batch_may_be_in_flight(tiny_model, library, monkeypatch):
+    """GPU staging (simulated: two slots, fake CUDA events): a run abandoned with a batch in flight
+    must not let the next batch overwrite that batch's slot before its copy is waited for."""
+    from audiosearch.model import PendingOutput
+
+    embedder = Embedder(str(tiny_model), device="cpu", precision="fp32", batch_size=1, workers=0)
+    embedder._slots = [tuple(t.clone() for t in embedder._slots[0]) for _ in range(2)]
+    embedder._slot_pending = [None, None]
+
+    class FakeEvent:
+        synced = False
+
+        def synchronize(self):
+            self.synced = True
+
+    last: dict[int, FakeEvent] = {}
+    real = embedder.model.launch
+
+    def launch(waves, lengths, **kwargs):
+        slot = waves.data_ptr()
+        assert slot not in last or last[slot].synced, "slot rewritten before its batch was waited for"
+        last[slot] = event = FakeEvent()
+        return PendingOutput(real(waves, lengths, **kwargs).result(), event)
+
+    monkeypatch.setattr(embedder.model, "launch", launch)
+    run = embedder.embed_files(library_files(library))
+    next(run)
+    run.close()  # abandoned: one batch launched and never collected
+    signal = syn.chirp(200, 4000, 25)
+    segments = embedder.embed_waveform(signal, 16000)
+    assert len(segments) == 3 and all(event.synced for event in last.values())
