@@ -103,9 +103,12 @@ class Store:
         self.dir.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         self.db = sqlite_utils.Database(conn)
+        _retry_locked(lambda: self._prepare(create))
+
+    def _prepare(self, create: bool) -> None:
+        self.db.execute("PRAGMA busy_timeout=60000")
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA busy_timeout=60000")
         if create:
             self.db.execute("BEGIN IMMEDIATE")  # two first runs must not both create the schema
             try:
@@ -379,6 +382,22 @@ class Store:
 
     def _ids(self, sql: str, args: tuple = ()) -> list[int]:
         return [row[0] for row in self.db.execute(sql, args).fetchall()]
+
+
+def _retry_locked(step, attempts: int = 8) -> None:
+    """Run `step`, retrying when SQLite answers "database is locked" without waiting.
+
+    Switching a new database to WAL while other processes open it can fail at
+    once instead of going through the busy handler; a short backoff settles it.
+    """
+    for attempt in range(attempts):
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * 2**attempt)
 
 
 def top_labels(scores: np.ndarray) -> list[int]:
