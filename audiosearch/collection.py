@@ -30,8 +30,9 @@ SCHEMA_VERSION = 1
 class Collection:
     """One index directory. Open one per thread."""
 
-    def __init__(self, index_dir: str | Path, *, create: bool = False):
+    def __init__(self, index_dir: str | Path, *, create: bool = False, device: str = "auto"):
         self.dir = Path(index_dir)
+        self.device = "cpu" if device == "cpu" else "auto"  # --device cpu keeps FAISS's k-means off the GPU too
         self.store = Store(self.dir, create=create)
         self.index_path = self.dir / INDEX_FILE
         self._lock_fd: int | None = None
@@ -128,7 +129,9 @@ class Collection:
     def index_options(self) -> IndexOptions:
         """The index's memory budget: set by `ingest --memory-budget`, else AUDIOSEARCH_MEMORY_BUDGET (bytes)."""
         budget = self.meta.get("memory_budget_bytes") or os.environ.get("AUDIOSEARCH_MEMORY_BUDGET")
-        return IndexOptions(memory_budget_bytes=int(budget)) if budget else IndexOptions()
+        if budget:
+            return IndexOptions(memory_budget_bytes=int(budget), device=self.device)
+        return IndexOptions(device=self.device)
 
     def set_memory_budget(self, gib: float) -> None:
         """Remember the budget above which vectors are stored compressed; the next refresh applies it."""

@@ -118,7 +118,7 @@ def ingest(
     roots = [Path(os.path.abspath(p)) for p in paths]
     unreadable: list[Unreadable] = []
     disk, ignored = scan(roots, unreadable)
-    collection = Collection(index_dir, create=True)
+    collection = Collection(index_dir, create=True, device=device)
     try:
         with collection.writing():
             if memory_budget_gib is not None:
@@ -311,7 +311,7 @@ def _embed(collection: Collection, embedder: Embedder, files: list[DiskFile], su
     known = {row.path for row in collection.store.files()}
     if progress:
         progress.start(len(files))
-    writer = _Writer(collection.dir)
+    writer = _Writer(collection.dir, collection.device)
     writer.start()
     try:
         for result in embedder.run(((f, f.path) for f in files), with_hash=True):
@@ -348,9 +348,9 @@ def _row(f: DiskFile, result: FileEmbedding | None = None) -> dict:
 class _Writer(threading.Thread):
     """Commits finished files to SQLite off the model's thread, and checkpoints the FAISS file."""
 
-    def __init__(self, index_dir: Path):
+    def __init__(self, index_dir: Path, device: str):
         super().__init__(name="audiosearch-writer", daemon=True)
-        self.index_dir = index_dir
+        self.index_dir, self.device = index_dir, device
         self.queue: queue.Queue = queue.Queue(maxsize=256)
         self.error: BaseException | None = None
         self.ended = False  # the end marker has been taken from the queue
@@ -367,7 +367,7 @@ class _Writer(threading.Thread):
             raise self.error
 
     def run(self) -> None:
-        collection = Collection(self.index_dir)
+        collection = Collection(self.index_dir, device=self.device)
         try:
             self._loop(collection)
         except BaseException as e:

@@ -145,3 +145,14 @@ def test_memory_budget_compresses_and_is_remembered(library, tiny_model, tmp_pat
     assert hits[0]["path"] == str(library / "tones" / "a440.wav") and hits[0]["similarity"] >= 0.99
     run("ingest", library, "--index", index)
     assert "sqfp16" in json.loads(run("info", "--index", index, "--json"))["vector_index"]["kind"]
+
+
+def test_device_cpu_keeps_faiss_training_on_the_cpu(index):
+    from audiosearch.collection import Collection
+
+    for device, expected in (("cpu", "cpu"), ("auto", "auto"), ("cuda", "auto")):
+        collection = Collection(index, device=device)
+        try:
+            assert collection.index_options().device == expected
+        finally:
+            collection.close()
