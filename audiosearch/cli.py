@@ -205,17 +205,14 @@ def embed(
         audiosearch embed ./library -o features.parquet --top-labels 5
     """
     from .export import embed_to_file
-    from .render import IngestBar, export_dict, print_export
+    from .render import IngestBar
 
     with IngestBar(out, enabled=not as_json, title="embed") as bar:
         summary = embed_to_file(
             paths, output, model=model, device=device, precision=precision, batch_size=batch_size, workers=workers,
             hop_seconds=hop, top_labels=top_labels, tokens=tokens, float16=float16, progress=bar,
         )
-    if as_json:
-        print(json.dumps(export_dict(summary), ensure_ascii=False))
-    else:
-        print_export(out, summary)
+    _show_export(summary, as_json)
 
 
 @app.command()
@@ -235,11 +232,16 @@ def export(
         audiosearch export --index indexes/sfx -o features.npz
     """
     from .export import export_index
-    from .render import export_dict, print_export
 
     if tokens:
         raise AudiosearchError("an index keeps no patch tokens; use 'audiosearch embed --tokens' to compute them")
     summary = export_index(index, output, top_labels=top_labels, float16=float16)
+    _show_export(summary, as_json)
+
+
+def _show_export(summary, as_json: bool) -> None:
+    from .render import export_dict, print_export
+
     if as_json:
         print(json.dumps(export_dict(summary), ensure_ascii=False))
     else:

@@ -51,6 +51,27 @@ class FileEmbedding:
 DECODE_NICE = 10  # decoders' niceness when the model runs on the CPU
 
 
+@dataclass
+class Tally:
+    """What a run over files produced: segments and audio from good files, failed and skipped ones with reasons."""
+
+    segments: int = 0
+    audio_seconds: float = 0.0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def count(self, result: FileEmbedding) -> bool:
+        """Record one file's outcome; True when it was embedded."""
+        if result.status == "failed":
+            self.failed.append((result.path, result.error or "unknown error"))
+        elif result.status == "skipped":
+            self.skipped.append((result.path, result.error or ""))
+        else:
+            self.segments += len(result.segments)
+            self.audio_seconds += result.duration or 0.0
+        return result.status == "ok"
+
+
 def default_batch_size(device: torch.device) -> int:
     """GPUs want big batches. On a CPU throughput levels off by 8 (bf16 AST, 2-core AMX Xeon:
     3.2 segments/s at 2, 3.35 at 4, 3.45 at 8 and 16; BENCHMARKS.md)."""

@@ -12,14 +12,14 @@ import json
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .audio import SAMPLE_RATE, SEGMENT_SECONDS
 from .collection import Collection
-from .embedder import Embedder, FileEmbedding
+from .embedder import Embedder, FileEmbedding, Tally
 from .errors import FeatureFileError
 from .feature_file import FeatureHeader, FeatureRows, FeatureWriter, output_format
 from .ingest import Progress, scan
@@ -29,18 +29,14 @@ INDEX_PARAMS = ("sample_rate", "segment_seconds", "hop_seconds", "num_mel_bins",
 
 
 @dataclass
-class ExportSummary:
+class ExportSummary(Tally):
     """What an `embed` or `export` run wrote, and which files it could not use."""
 
-    output: str
+    output: str = ""
     files: int = 0
-    segments: int = 0
-    audio_seconds: float = 0.0
     bytes_written: int = 0
     wall_seconds: float = 0.0
     ignored: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def embed_to_file(
@@ -65,12 +61,12 @@ def embed_to_file(
     hop = hop_seconds or SEGMENT_SECONDS
     embedder = Embedder(model or DEFAULT_MODEL, device=device, precision=precision, batch_size=batch_size,
                         workers=workers, hop_seconds=hop, tokens=tokens)
-    summary = ExportSummary(str(output), ignored=ignored)
+    summary = ExportSummary(output=str(output), ignored=ignored)
     if progress:
         progress.start(len(disk))
     with FeatureWriter(output, _model_header(embedder.model, hop, top_labels, tokens, float16)) as writer:
         for result in embedder.embed_files(f.path for f in disk):
-            _count(summary, result)
+            summary.files += summary.count(result)
             if result.segments:
                 writer.write(_computed_rows(result))
             if progress:
@@ -92,7 +88,7 @@ def export_index(
         with store.snapshot():
             header = _index_header(collection, top_labels, float16)
             stats = store.stats()
-            summary = ExportSummary(str(output), files=stats["files"].get("ok", 0), audio_seconds=stats["hours"] * 3600)
+            summary = ExportSummary(output=str(output), files=stats["files"].get("ok", 0), audio_seconds=stats["hours"] * 3600)
             summary.failed = [(r.path, r.error or "unknown error") for r in store.files("failed")]
             summary.skipped = [(r.path, r.error or "") for r in store.files("skipped")]
             with FeatureWriter(output, header) as writer:
@@ -158,12 +154,3 @@ def _stored_rows(batch: list[tuple], dim: int, labels: int) -> FeatureRows:
     )
 
 
-def _count(summary: ExportSummary, result: FileEmbedding) -> None:
-    if result.status == "failed":
-        summary.failed.append((result.path, result.error or "unknown error"))
-    elif result.status == "skipped":
-        summary.skipped.append((result.path, result.error or ""))
-    else:
-        summary.files += 1
-        summary.segments += len(result.segments)
-        summary.audio_seconds += result.duration or 0.0

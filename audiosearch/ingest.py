@@ -32,7 +32,7 @@ from typing import Protocol
 from .audio import SEGMENT_SECONDS, is_audio_path
 from .collection import Collection
 from .decode_pool import content_hash
-from .embedder import Embedder, FileEmbedding
+from .embedder import Embedder, FileEmbedding, Tally
 from .errors import AudiosearchError, IndexWriteError, NoAudioFiles
 from .index import SyncReport
 from .model import DEFAULT_MODEL, Model
@@ -59,7 +59,7 @@ class Unreadable:
 
 
 @dataclass
-class IngestSummary:
+class IngestSummary(Tally):
     """What a run did, for the closing report."""
 
     added: int = 0
@@ -68,11 +68,7 @@ class IngestSummary:
     moved: int = 0
     removed: int = 0
     ignored: int = 0
-    segments: int = 0
-    audio_seconds: float = 0.0
     wall_seconds: float = 0.0
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
     index: SyncReport | None = None
     pruned: bool = True
 
@@ -324,15 +320,9 @@ def _embed(collection: Collection, embedder: Embedder, files: list[DiskFile], su
 
 
 def _count(summary: IngestSummary, result: FileEmbedding, known: bool) -> None:
-    if result.status == "failed":
-        summary.failed.append((result.path, result.error or "unknown error"))
-    elif result.status == "skipped":
-        summary.skipped.append((result.path, result.error or ""))
-    else:
+    if summary.count(result):
         summary.updated += known
         summary.added += not known
-        summary.segments += len(result.segments)
-        summary.audio_seconds += result.duration or 0.0
 
 
 def _row(f: DiskFile, result: FileEmbedding | None = None) -> dict:
