@@ -78,7 +78,7 @@ def query(
         segments = _embed_clip(clip, net)
         watch.lap("embed")
         scores = np.max([s.scores for s in segments], axis=0)
-        names = _filter_names(collection, net, scores, labels, filter)
+        names = _filter_names(net, scores, labels, filter)
         index, _ = collection.load_index()
         watch.lap("load index")
         label_filter = collection.store.label_filter(_label_ids(net, names)) if names else None
@@ -104,8 +104,7 @@ def _embed_clip(clip: str | Path, net: Model) -> list[SegmentEmbedding]:
     return Embedder(net, workers=0, batch_size=8).embed_audio(audio)
 
 
-def _filter_names(collection: Collection, net: Model, scores: np.ndarray, labels: list[str] | None,
-                  filter: bool) -> list[str]:
+def _filter_names(net: Model, scores: np.ndarray, labels: list[str] | None, filter: bool) -> list[str]:
     if not filter:
         return []
     if labels:
