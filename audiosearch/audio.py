@@ -24,6 +24,17 @@ MIN_SECONDS = 0.1  # shorter files hold too little sound to embed
 MIN_TAIL_SECONDS = 1.0  # a trailing segment shorter than this is dropped
 MAX_SECONDS = 24 * 3600.0  # a header claiming more than a day is treated as corrupt
 
+# Integer PCM is read as integers and scaled by `mixdown`: libsndfile's own conversion to
+# float costs 6x the read (1.9 vs 0.3 ms per 10.24 s of 44.1 kHz stereo WAV). Its float
+# is the integer times these powers of two, so the samples are bit-identical either way.
+_READ_AS = {
+    "PCM_S8": ("int16", 2.0**-15),
+    "PCM_U8": ("int16", 2.0**-15),
+    "PCM_16": ("int16", 2.0**-15),
+    "PCM_24": ("int32", 2.0**-31),
+    "PCM_32": ("int32", 2.0**-31),
+}
+
 AUDIO_EXTENSIONS = frozenset(
     ".wav .wave .flac .ogg .oga .opus .mp3 .aif .aiff .aifc .au .snd .caf .w64 .rf64 .sd2 .voc .wv".split()
 )
@@ -67,7 +78,8 @@ def decode(path: str | Path) -> Audio:
     try:
         with sf.SoundFile(str(path)) as f:
             _check_header(f)
-            data = f.read(dtype="float32", always_2d=True)
+            dtype, scale = _READ_AS.get(f.subtype, ("float32", 1.0))
+            data = f.read(dtype=dtype, always_2d=True)
             rate, channels = f.samplerate, f.channels
     except AudioDecodeError:
         raise
@@ -75,14 +87,33 @@ def decode(path: str | Path) -> Audio:
         raise AudioDecodeError(f"not readable audio: {_reason(e)}") from e
     except MemoryError as e:
         raise AudioDecodeError("header claims more audio than fits in memory") from e
-    return to_model_audio(data, rate)
+    return _model_audio(mixdown(data, scale), rate, channels)
 
 
 def to_model_audio(data: np.ndarray, sample_rate: int) -> Audio:
     """Mix down [n] or [n, channels] samples and resample them to SAMPLE_RATE."""
     data = np.asarray(data, dtype=np.float32)
     channels = 1 if data.ndim == 1 else data.shape[1]
-    mono = data if data.ndim == 1 else data.mean(axis=1, dtype=np.float32)
+    return _model_audio(mixdown(data), sample_rate, channels)
+
+
+def mixdown(data: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """The mean of the channels of [n] or [n, channels] samples, times `scale`, as float32 [n].
+
+    A matrix-vector product: numpy's `mean(axis=1)` over a few interleaved
+    channels is 20x slower (6.5 ms per 10.24 s of 44.1 kHz stereo). With 1 or
+    2 channels and a power-of-two `scale` the result is bit-identical to it.
+    """
+    if data.ndim == 1:
+        data = data[:, None]
+    channels = data.shape[1]
+    x = data.astype(np.float32, copy=False)
+    if channels == 1:
+        return x[:, 0] * np.float32(scale) if scale != 1.0 else np.ascontiguousarray(x[:, 0])
+    return x @ np.full(channels, scale / channels, dtype=np.float32)
+
+
+def _model_audio(mono: np.ndarray, sample_rate: int, channels: int) -> Audio:
     if not np.isfinite(mono).all():
         raise AudioDecodeError("audio holds NaN or infinite samples")
     return Audio(resample(mono, sample_rate), sample_rate, channels)

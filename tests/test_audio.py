@@ -1,0 +1,61 @@
+"""Decoding shortcuts must not change a single sample: the embeddings are the product."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from audiosearch.audio import decode, mixdown, resample, to_model_audio
+
+SUBTYPES = [
+    ("WAV", "PCM_U8"),
+    ("WAV", "PCM_16"),
+    ("WAV", "PCM_24"),
+    ("WAV", "PCM_32"),
+    ("WAV", "FLOAT"),
+    ("FLAC", "PCM_S8"),
+    ("FLAC", "PCM_16"),
+    ("FLAC", "PCM_24"),
+    ("AIFF", "PCM_16"),
+    ("OGG", "VORBIS"),
+]
+
+
+def _write(path, fmt: str, subtype: str, channels: int, rate: int) -> None:
+    rng = np.random.default_rng(channels)
+    x = rng.uniform(-1, 1, (rate // 2, channels))
+    x[:8], x[8:16] = 1.0, -1.0  # full scale both ways
+    sf.write(path, x, rate, format=fmt, subtype=subtype)
+
+
+@pytest.mark.parametrize("fmt,subtype", SUBTYPES)
+@pytest.mark.parametrize("channels", [1, 2])
+def test_decode_is_bit_identical_to_libsndfile_float(tmp_path, fmt, subtype, channels) -> None:
+    """Integer PCM is read as integers and scaled by us; the floats must be libsndfile's own."""
+    path = tmp_path / f"x.{fmt.lower()}"
+    _write(path, fmt, subtype, channels, 22050)
+    floats, rate = sf.read(path, dtype="float32", always_2d=True)
+    expected = resample(floats.mean(axis=1, dtype=np.float32), rate)
+    audio = decode(path)
+    assert audio.channels == channels and audio.source_rate == rate
+    np.testing.assert_array_equal(audio.samples, expected)
+
+
+def test_mixdown_of_many_channels_is_their_mean() -> None:
+    x = np.random.default_rng(0).standard_normal((1000, 6)).astype(np.float32)
+    np.testing.assert_allclose(mixdown(x), x.mean(axis=1), rtol=0, atol=1e-6)
+    assert mixdown(x).dtype == np.float32 and mixdown(x).flags.c_contiguous
+
+
+def test_mono_input_is_kept_as_is() -> None:
+    x = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    np.testing.assert_array_equal(mixdown(x), x)
+    np.testing.assert_array_equal(mixdown(x[:, None]), x)
+
+
+def test_waveforms_in_memory_go_the_same_way_as_files(tmp_path) -> None:
+    path = tmp_path / "x.wav"
+    _write(path, "WAV", "FLOAT", 2, 44100)
+    floats, rate = sf.read(path, dtype="float32")
+    np.testing.assert_array_equal(to_model_audio(floats, rate).samples, decode(path).samples)
