@@ -11,23 +11,28 @@ using the API needs no `if __name__ == "__main__"` guard.
 
 from __future__ import annotations
 
-import hashlib
+import mmap
 import multiprocessing as mp
 import os
 import queue
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import recv_handle, send_handle
 from pathlib import Path
 
-from .audio import Audio, decode
+import numpy as np
+import xxhash
+
+from .audio import Audio, decode, decode_into
 from .errors import AudiosearchError
 
 DECODE_TIMEOUT = 600.0  # seconds one file may take before its worker is killed
 _DONE = object()
+_HASH_BLOCK = 1 << 22
 
 
 @dataclass
@@ -42,19 +47,25 @@ class Decoded:
 
 
 def content_hash(path: str | Path) -> str:
-    """BLAKE2b-128 of the file's bytes: identifies content across renames."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    """XXH3-128 of the file's bytes: identifies content across renames and touches.
+
+    Not a security boundary, so the fastest good hash: BLAKE2b took 2 ms of a
+    decoder's ~3 ms per 10.24 s segment of 44.1 kHz stereo WAV, XXH3 takes 0.1.
+    """
+    h = xxhash.xxh3_128()
+    block = bytearray(_HASH_BLOCK)
+    view = memoryview(block)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(block):
+            h.update(view[:n])
     return h.hexdigest()
 
 
-def decode_one(key: object, path: str, with_hash: bool) -> Decoded:
+def decode_one(key: object, path: str, with_hash: bool, decoder: Callable[[str], Audio] = decode) -> Decoded:
     """Decode a file, turning every expected failure into `Decoded.error`."""
     try:
         digest = content_hash(path) if with_hash else None
-        return Decoded(key, path, decode(path), digest)
+        return Decoded(key, path, decoder(path), digest)
     except AudiosearchError as e:
         return Decoded(key, path, error=str(e))
     except OSError as e:
@@ -75,7 +86,48 @@ def _worker(conn: Connection, with_hash: bool, nice: int = 0) -> None:
             return
         if task is None:
             return
-        conn.send(decode_one(*task, with_hash))
+        if _SHARED_MEMORY:
+            _decode_shared(conn, *task, with_hash)
+        else:
+            conn.send((decode_one(*task, with_hash), 0))
+
+
+# Decoded samples travel in shared memory: the worker decodes straight into a memfd and passes
+# its descriptor over its socket. Pickled through the pipe, they cost the receiving process
+# 0.5 ms of CPU per 10.24 s segment: at a GPU's pace (1,500 segments/s) a whole core, in the
+# process that drives the model.
+_SHARED_MEMORY = hasattr(os, "memfd_create")
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page in one call instead of faulting each in
+
+
+def _decode_shared(conn: Connection, key: object, path: str, with_hash: bool) -> None:
+    fd = os.memfd_create("audiosearch-decoded", os.MFD_CLOEXEC)
+    try:
+        with open(fd, "wb", closefd=False) as sink:
+
+            def into_shared_memory(p: str) -> Audio:
+                rate, channels = decode_into(p, lambda block: sink.write(np.ascontiguousarray(block).data))
+                return Audio(np.empty(0, np.float32), rate, channels)  # the samples follow as a descriptor
+
+            result = decode_one(key, path, with_hash, into_shared_memory)
+            size = sink.tell() // 4 if result.audio is not None else 0
+        conn.send((result, size))
+        if size:
+            send_handle(conn, fd, 0)
+    finally:
+        os.close(fd)
+
+
+def _receive(conn: Connection) -> Decoded:
+    result, size = conn.recv()
+    if size:
+        fd = recv_handle(conn)
+        try:
+            shared = mmap.mmap(fd, size * 4, flags=mmap.MAP_SHARED | _POPULATE)
+        finally:
+            os.close(fd)  # the mapping keeps the memory, until the last view of the samples is freed
+        result.audio = replace(result.audio, samples=np.frombuffer(shared, dtype=np.float32))
+    return result
 
 
 class DecodePool:
@@ -164,10 +216,10 @@ class _Slot:
         """The finished result, a failure if the worker died or hung, else None."""
         if readable:
             try:
-                result = self.conn.recv()
+                result = _receive(self.conn)
                 self.task = None
                 return result
-            except (EOFError, OSError):
+            except (EOFError, OSError, RuntimeError):
                 return self._replace(f"decoder crashed ({_exit_reason(self.proc)})")
         if not self.proc.is_alive():
             return self._replace(f"decoder crashed ({_exit_reason(self.proc)})")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from audiosearch.audio import decode, mixdown, resample, to_model_audio
+from audiosearch.audio import decode, decode_into, mixdown, resample, to_model_audio
+from audiosearch.errors import AudioDecodeError
 
 SUBTYPES = [
     ("WAV", "PCM_U8"),
@@ -40,6 +41,36 @@ def test_decode_is_bit_identical_to_libsndfile_float(tmp_path, fmt, subtype, cha
     audio = decode(path)
     assert audio.channels == channels and audio.source_rate == rate
     np.testing.assert_array_equal(audio.samples, expected)
+
+
+@pytest.mark.parametrize("rate", [8000, 11025, 16000, 44100, 96000])
+@pytest.mark.parametrize("frames", [1, 399, 1 << 16, (1 << 16) + 1, 200_000])
+def test_block_by_block_decoding_equals_one_shot_resampling(tmp_path, rate, frames) -> None:
+    """Files are decoded in blocks through a soxr stream; in memory, resampled in one call."""
+    x = np.random.default_rng(frames).uniform(-0.9, 0.9, frames).astype(np.float32)
+    path = tmp_path / "x.wav"
+    sf.write(path, x, rate, subtype="FLOAT")
+    audio = decode(path)
+    assert audio.samples.dtype == np.float32
+    np.testing.assert_array_equal(audio.samples, to_model_audio(x, rate).samples)
+
+
+def test_decoding_into_a_writer_hands_over_blocks(tmp_path) -> None:
+    path = tmp_path / "x.flac"
+    _write(path, "FLAC", "PCM_16", 2, 48000)
+    blocks = []
+    assert decode_into(path, blocks.append) == (48000, 2)
+    assert len(blocks) >= 1
+    np.testing.assert_array_equal(np.concatenate(blocks), decode(path).samples)
+
+
+def test_nan_anywhere_in_a_float_file_is_refused(tmp_path) -> None:
+    x = np.zeros(300_000, np.float32)
+    x[250_000] = np.nan  # past the first block
+    path = tmp_path / "x.wav"
+    sf.write(path, x, 16000, subtype="FLOAT")
+    with pytest.raises(AudioDecodeError, match="NaN"):
+        decode(path)
 
 
 def test_mixdown_of_many_channels_is_their_mean() -> None:

@@ -1,0 +1,63 @@
+"""Worker processes hand decoded audio over in shared memory: same samples, nothing leaked."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import audiosearch.decode_pool as decode_pool
+from audiosearch.audio import decode
+from audiosearch.decode_pool import DecodePool, content_hash
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _library(tmp_path) -> list[str]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (rate, channels, seconds) in enumerate([(44100, 2, 25.0), (16000, 1, 3.0), (48000, 2, 0.05), (22050, 1, 0.0)]):
+        path = tmp_path / f"{i}.flac"
+        sf.write(path, rng.uniform(-0.5, 0.5, (int(rate * seconds), channels)), rate)
+        paths.append(str(path))
+    bad = tmp_path / "nan.wav"
+    x = np.zeros(300_000, np.float32)
+    x[250_000] = np.nan  # the worker has already written blocks when it finds this
+    sf.write(bad, x, 16000, subtype="FLOAT")
+    (tmp_path / "junk.wav").write_bytes(b"RIFF nonsense")
+    return paths + [str(bad), str(tmp_path / "junk.wav")]
+
+
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["memfd", "pipe"])
+def test_workers_return_what_decoding_here_returns(tmp_path, monkeypatch, shared_memory) -> None:
+    monkeypatch.setattr(decode_pool, "_SHARED_MEMORY", shared_memory)  # False: systems without memfd
+    paths = _library(tmp_path)
+    here = {d.path: d for d in DecodePool(0, with_hash=True).map((p, p) for p in paths)}
+    before = _open_fds()
+    there = {d.path: d for d in DecodePool(2, with_hash=True).map((p, p) for p in paths)}
+    assert there.keys() == here.keys()
+    for path, d in there.items():
+        assert d.key == path and d.error == here[path].error and d.hash == here[path].hash
+        if d.audio is None:
+            assert here[path].audio is None
+            continue
+        assert (d.audio.source_rate, d.audio.channels) == (here[path].audio.source_rate, here[path].audio.channels)
+        np.testing.assert_array_equal(d.audio.samples, decode(path).samples)
+        assert d.audio.samples.flags.writeable  # torch.from_numpy takes it without a warning
+    assert there[paths[4]].error == "audio holds NaN or infinite samples"
+    assert there[paths[5]].error.startswith("not readable audio")
+    del there, d  # CPython's mmap holds a duplicate of the descriptor while the samples live
+    assert _open_fds() == before  # descriptors passed by the workers are all closed
+
+
+def test_content_hash_reads_past_one_block(tmp_path) -> None:
+    path = tmp_path / "big.bin"
+    path.write_bytes(b"a" * (5 << 20))
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"a" * (5 << 20) + b"b")
+    assert content_hash(path) != content_hash(other)
+    assert content_hash(path) == content_hash(str(path)) and len(content_hash(path)) == 32
