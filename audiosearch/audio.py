@@ -87,21 +87,24 @@ def decode_into(path: str | Path, write: Callable[[np.ndarray], object]) -> tupl
     """Decode `path` block by block, handing each block of model audio to `write`.
 
     Returns the file's own sample rate and channel count. Only one block of
-    the source is in memory at a time, and it stays in the CPU's cache through
-    reading, mixing down and resampling: ~1.5x faster than whole-file arrays,
-    and the same samples, bit for bit (soxr streams exactly as it resamples
-    in one shot). Raises AudioDecodeError as `decode` does.
+    the source is in memory at a time (MP3 aside), and it stays in the CPU's
+    cache through reading, mixing down and resampling: ~1.5x faster than
+    whole-file arrays, and the same samples, bit for bit (soxr streams exactly
+    as it resamples in one shot). Raises AudioDecodeError as `decode` does.
     """
     try:
         with sf.SoundFile(str(path)) as f:
             _check_header(f)
             rate, channels = f.samplerate, f.channels
             dtype, scale = _READ_AS.get(f.subtype, ("float32", 1.0))
-            buffer = np.empty((_BLOCK_FRAMES, channels), dtype=dtype)
+            # libsndfile 1.2's MP3 decoder glitches at the edge of every partial read (jumps of
+            # up to 0.5 full scale): MP3 is read whole, in one call, as libsndfile reads it right.
+            whole = f.format == "MP3"
+            buffer = None if whole else np.empty((_BLOCK_FRAMES, channels), dtype=dtype)
             resampler = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, "float32", "HQ")
             while True:
-                block = f.read(_BLOCK_FRAMES, dtype=dtype, always_2d=True, out=buffer)
-                last = len(block) < _BLOCK_FRAMES
+                block = f.read(-1 if whole else _BLOCK_FRAMES, dtype=dtype, always_2d=True, out=buffer)
+                last = whole or len(block) < _BLOCK_FRAMES
                 mono = mixdown(block, scale)
                 if not np.isfinite(mono).all():
                     raise AudioDecodeError("audio holds NaN or infinite samples")

@@ -1,13 +1,14 @@
 """Ingest benchmark: `audiosearch ingest` against the reference path and the bare model.
 
     python -m benchmarks.ingest [--device auto] [--files 96] [--batch-size B] [--precision auto]
-                                [--workers W] [--rounds 3] [--json]
+                                [--workers W] [--rounds 3] [--formats wav,flac,ogg,mp3]
+                                [--paths reference,ingest,forward,decode] [--json]
 
-A library of `--files` files (3..60 s, WAV/FLAC/OGG/MP3, 16..48 kHz, mono and
-stereo) is generated once under benchmarks/.cache, with a full-size AST
-(ASTConfig defaults, 527 labels) with random weights: the compute is the real
-model's. Three paths are timed side by side, round-robin in `--rounds` rounds
-so that a machine shared with other work slows them alike:
+A library of `--files` files (3..60 s, WAV/FLAC/OGG/MP3 or the `--formats`
+given, 16..48 kHz, mono and stereo) is generated once under benchmarks/.cache,
+with a full-size AST (ASTConfig defaults, 527 labels) with random weights: the
+compute is the real model's. The paths are timed side by side, round-robin in
+`--rounds` rounds so that a machine shared with other work slows them alike:
 
   reference  what a user would write: per file, soundfile decode + soxr
              resample to 16 kHz, 10.24 s segments, ASTFeatureExtractor, then
@@ -18,6 +19,9 @@ so that a machine shared with other work slows them alike:
              Python imports are done before the clock starts
   forward    `Model.forward_features` alone on random features, at the same
              batch size and precision as ingest
+  decode     ingest's decoding alone (same worker processes, hashing,
+             segmenting, shared-memory hand-over): the most segments/s the
+             decoders can feed the model; below `forward`, ingest is decode-bound
 
 Each path runs in its own process, so its peak RSS (and peak GPU memory) is its
 own. TFLOP/s comes from the model's FLOP count (`flops_per_segment`).
@@ -41,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 CACHE = Path(__file__).parent / ".cache"
-FORMATS = [("wav", {}), ("flac", {}), ("ogg", {}), ("mp3", {"format": "MP3"})]
+FORMATS = {"wav": {}, "flac": {}, "ogg": {}, "mp3": {"format": "MP3"}}
 RATES = [16000, 22050, 32000, 44100, 48000]
 MIN_LEN, MAX_LEN = 3.0, 60.0
 
@@ -107,17 +111,19 @@ def _signal(rng: np.random.Generator, seconds: float, rate: int) -> np.ndarray:
     return out
 
 
-def library(cache: Path, files: int, rounds: int, seed: int) -> list[Path]:
+def library(cache: Path, files: int, rounds: int, seed: int, formats: list[str]) -> list[Path]:
     """`files` files in `rounds` shard folders (file i in shard i % rounds), made once and kept."""
     import soundfile as sf
 
-    root = cache / f"library-{files}-{rounds}-{seed}"
+    kinds = "" if formats == list(FORMATS) else "-" + "-".join(formats)
+    root = cache / f"library-{files}-{rounds}-{seed}{kinds}"
     done = root / ".complete"
     if not done.exists():
         shutil.rmtree(root, ignore_errors=True)
         rng = np.random.default_rng(seed)
         for i in range(files):
-            ext, options = FORMATS[i % len(FORMATS)]
+            ext = formats[i % len(formats)]
+            options = FORMATS[ext]
             rate, channels = int(rng.choice(RATES)), int(rng.integers(1, 3))
             seconds = float(rng.uniform(MIN_LEN, MAX_LEN))
             x = _signal(rng, seconds, rate)
@@ -250,7 +256,30 @@ class Forward:
         return {"segments": self.batch * self.batches, "files": 0, "seconds": time.perf_counter() - start}
 
 
-PATHS = {"reference": Reference, "ingest": Ingest, "forward": Forward}
+class Decode:
+    """Ingest's decoding alone: what the decoders can feed the model, in segments/s."""
+
+    def __init__(self, args, _ckpt: Path):
+        from audiosearch.embedder import default_workers
+        from audiosearch.model import resolve_device
+
+        self.workers = default_workers(resolve_device(args.device)) if args.workers is None else args.workers
+
+    def round(self, shard: Path, _want: int) -> dict:
+        from audiosearch.audio import segment
+        from audiosearch.decode_pool import DecodePool
+
+        files = sorted(str(p) for p in shard.iterdir() if p.is_file())
+        segments = 0
+        start = time.perf_counter()
+        for d in DecodePool(self.workers, with_hash=True).map((p, p) for p in files):
+            if d.audio is None:
+                raise RuntimeError(f"{d.path}: {d.error}")
+            segments += len(segment(d.audio.samples))
+        return {"segments": segments, "files": len(files), "seconds": time.perf_counter() - start}
+
+
+PATHS = {"reference": Reference, "ingest": Ingest, "forward": Forward, "decode": Decode}
 
 
 def _device(device: str) -> str:
@@ -301,7 +330,7 @@ def run(args: argparse.Namespace) -> dict:
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ckpt = checkpoint(cache)
-    shards = library(cache, args.files, args.rounds, args.seed)
+    shards = library(cache, args.files, args.rounds, args.seed, args.formats)
     setup_s = time.perf_counter() - t0
 
     device = resolve_device(args.device)
@@ -324,7 +353,7 @@ def run(args: argparse.Namespace) -> dict:
 
     ctx = mp.get_context("spawn")
     children = {}
-    for name in PATHS:
+    for name in args.paths:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_serve, args=(name, args, ckpt, child))  # not daemonic: ingest forks decoders
         proc.start()
@@ -332,7 +361,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         for name, (_, conn) in children.items():
             _expect(conn, "ready")
-        rounds = {name: [] for name in PATHS}
+        rounds = {name: [] for name in args.paths}
         want = max(1, args.ref_segments // args.rounds)
         for r, shard in enumerate(shards):
             for name, (_, conn) in children.items():
@@ -352,7 +381,7 @@ def run(args: argparse.Namespace) -> dict:
 
     result["load_after"] = os.getloadavg()
     result["paths"] = {}
-    for name in PATHS:
+    for name in args.paths:
         segments = sum(x["segments"] for x in rounds[name])
         seconds = sum(x["seconds"] for x in rounds[name])
         rate = segments / seconds
@@ -366,11 +395,16 @@ def run(args: argparse.Namespace) -> dict:
     p = result["paths"]
     # Headline ratios use each path's median round: on a shared machine another job can slow
     # any one round of any one path; the all-rounds ratios are kept alongside.
-    for other, key in (("reference", "ingest_over_reference"), ("forward", "ingest_over_forward")):
-        result[key] = p["ingest"]["median_segments_per_s"] / p[other]["median_segments_per_s"]
-        result[key + "_all_rounds"] = p["ingest"]["segments_per_s"] / p[other]["segments_per_s"]
+    for one, other in RATIOS:
+        if one in p and other in p:
+            key = f"{one}_over_{other}"
+            result[key] = p[one]["median_segments_per_s"] / p[other]["median_segments_per_s"]
+            result[key + "_all_rounds"] = p[one]["segments_per_s"] / p[other]["segments_per_s"]
     result["wall_seconds"] = time.perf_counter() - t0
     return result
+
+
+RATIOS = [("ingest", "reference"), ("ingest", "forward"), ("decode", "forward")]
 
 
 def _expect(conn, kind: str):
@@ -428,22 +462,25 @@ def print_report(r: dict) -> None:
         "reference": "(1) reference (HF, fp32, 1 at a time)",
         "ingest": "(2) audiosearch ingest, end to end",
         "forward": "(3) bare forward, same batch+precision",
+        "decode": f"(4) decoding alone, {r['workers']} workers",
     }
     for name, p in r["paths"].items():
         row = [
             labels[name], str(p["segments"]), str(p["files"]), f"{p['seconds']:.1f}", f"{p['segments_per_s']:.3f}",
-            " ".join(f"{x:.3f}" for x in p["rounds"]), f"{p['median_segments_per_s']:.3f}", f"{p['tflops']:.3f}",
-            f"{p['peak_rss_mib']:.0f}" + (f" (decoders {p['peak_child_rss_mib']:.0f}*)" if name == "ingest" else ""),
+            " ".join(f"{x:.3f}" for x in p["rounds"]), f"{p['median_segments_per_s']:.3f}",
+            "–" if name == "decode" else f"{p['tflops']:.3f}",
+            f"{p['peak_rss_mib']:.0f}" + (f" (decoders {p['peak_child_rss_mib']:.0f}*)" if name in ("ingest", "decode") else ""),
         ]
         if gpu:
             row.append(f"{p.get('peak_gpu_mib', 0):.0f}")
         table.add_row(*row)
     console.print(table)
-    console.print(
-        f"medians: ingest / reference = [bold]{r['ingest_over_reference']:.2f}x[/]   "
-        f"ingest / bare forward = [bold]{r['ingest_over_forward']:.2f}x[/]   "
-        f"(all rounds pooled: {r['ingest_over_reference_all_rounds']:.2f}x and {r['ingest_over_forward_all_rounds']:.2f}x)"
-    )
+    ratios = [
+        f"{one} / {other} = [bold]{r[key]:.2f}x[/] (pooled {r[key + '_all_rounds']:.2f}x)"
+        for one, other in RATIOS if (key := f"{one}_over_{other}") in r
+    ]
+    if ratios:
+        console.print("medians: " + "   ".join(ratios))
     console.print(
         f"TFLOP/s at the median rate; * a decoder's RSS counts the model pages it shares with its parent. "
         f"Wall {r['wall_seconds']:.0f} s, of which setup {r['setup_seconds']:.0f} s."
@@ -457,13 +494,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="ingest's batch size (default: ingest's own)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--workers", type=int, default=None, help="decode workers (default: ingest's own)")
-    parser.add_argument("--rounds", type=int, default=3, help="round-robin repetitions of the three paths")
+    parser.add_argument("--rounds", type=int, default=3, help="round-robin repetitions of the paths")
     parser.add_argument("--ref-segments", type=int, default=30, help="segments the reference path embeds in all")
     parser.add_argument("--forward-batches", type=int, default=None, help="timed batches per round (default: ~1/3 of ingest's segments)")
+    parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated, from " + ",".join(FORMATS))
+    parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated, from " + ",".join(PATHS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default=str(CACHE))
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = parser.parse_args(argv)
+    args.formats, args.paths = args.formats.split(","), args.paths.split(",")
+    for given, known in ((args.formats, FORMATS), (args.paths, PATHS)):
+        if unknown := set(given) - set(known):
+            parser.error(f"unknown: {', '.join(sorted(unknown))} (known: {', '.join(known)})")
     if args.forward_batches is None:
         from audiosearch.embedder import default_batch_size
         from audiosearch.model import resolve_device
