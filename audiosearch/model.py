@@ -153,7 +153,9 @@ class Model:
             return PendingOutput(ModelOutput(*outputs))
         # non_blocking copies to the CPU land in pinned memory; the event says when they have
         host = [t.to("cpu", non_blocking=True) for t in outputs]
-        event = torch.cuda.Event()
+        # blocking: waiting on it sleeps (cudaEventBlockingSync) instead of spinning a core
+        # that the decoders feeding the GPU need
+        event = torch.cuda.Event(blocking=True)
         event.record(torch.cuda.current_stream(self.device))  # the copies' stream, even on cuda:N
         return PendingOutput(ModelOutput(*host), event)
 
