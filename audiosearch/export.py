@@ -22,7 +22,7 @@ from .collection import Collection
 from .embedder import Embedder, FileEmbedding, Tally
 from .errors import FeatureFileError
 from .feature_file import FeatureHeader, FeatureRows, FeatureWriter, output_format
-from .ingest import Progress, scan
+from .ingest import Progress, Unreadable, scan
 from .model import DEFAULT_MODEL, Model, fingerprint
 
 INDEX_PARAMS = ("sample_rate", "segment_seconds", "hop_seconds", "num_mel_bins", "max_length", "mean", "std")
@@ -57,11 +57,13 @@ def embed_to_file(
     """Embed the audio under `paths` (searched as ingest does) into a feature file; bad files are listed, not fatal."""
     started = time.perf_counter()
     output_format(output, top_labels=top_labels, tokens=tokens)
-    disk, ignored = scan([Path(os.path.abspath(p)) for p in paths])
+    unreadable: list[Unreadable] = []
+    disk, ignored = scan([Path(os.path.abspath(p)) for p in paths], unreadable)
     hop = hop_seconds or SEGMENT_SECONDS
     embedder = Embedder(model or DEFAULT_MODEL, device=device, precision=precision, batch_size=batch_size,
                         workers=workers, hop_seconds=hop, tokens=tokens)
     summary = ExportSummary(output=str(output), ignored=ignored)
+    summary.failed.extend((u.path, u.reason) for u in unreadable)  # unlistable folders, names SQLite can't hold
     if progress:
         progress.start(len(disk))
     with FeatureWriter(output, _model_header(embedder.model, hop, top_labels, tokens, float16)) as writer:

@@ -138,7 +138,8 @@ def _ingest_locked(collection: Collection, roots: list[Path], disk: list[DiskFil
     unlisted = [Path(u.path) for u in unreadable if u.folder]
     plan = plan_changes(store.files(), disk, roots, prune=prune, retry_failed=retry_failed, unlisted=unlisted)
     summary = IngestSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.remove), pruned=prune)
-    summary.failed.extend((u.path, u.reason) for u in unreadable)
+    summary.failed.extend((u.path, u.reason + ("; the files indexed from it are kept" if u.folder else ""))
+                          for u in unreadable)
     if plan.remove or plan.moves or plan.touches:  # a transaction would bump the generation for nothing
         with store.transaction():
             store.delete_files(plan.remove)
@@ -200,8 +201,7 @@ def _walk(root: Path, unreadable: list[Unreadable]) -> Iterable[str]:
             seen.add((st.st_dev, st.st_ino))
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as e:
-            reason = f"cannot list folder: {e.strerror or e}; the files indexed from it are kept"
-            unreadable.append(Unreadable(folder, reason, folder=True))
+            unreadable.append(Unreadable(folder, f"cannot list folder: {e.strerror or e}", folder=True))
             continue
         for entry in entries:
             kind = _kind(entry)

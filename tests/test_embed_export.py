@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import zipfile
 from pathlib import Path
@@ -21,6 +22,7 @@ from audiosearch.cli import app
 from audiosearch.errors import AudioDecodeError, FeatureFileError
 from audiosearch.feature_file import FeatureHeader, FeatureRows, FeatureWriter
 from audiosearch.index import VectorIndex
+import audiosearch.ingest as ingest_module
 from audiosearch.ingest import ingest
 
 from .conftest import write
@@ -237,6 +239,24 @@ def test_bad_files_are_listed_and_skipped(tiny_model, tmp_path):
     assert [f["path"] for f in features.failed] == [str(folder / "broken.wav")]
     text = run(*args)
     assert f"failed: {folder / 'broken.wav'}: not readable audio" in text and "1 failed, 1 skipped" in text
+
+
+def test_unlistable_folder_is_reported(tiny_model, tmp_path, monkeypatch):
+    folder = tmp_path / "lib"
+    write(folder / "open" / "a.wav", syn.tone(440, 3), 16000)
+    closed = write(folder / "closed" / "b.wav", syn.noise(3), 16000).parent
+    real = os.scandir
+
+    def deny(path="."):  # as the kernel would for a user without the folder's read permission (tests run as root)
+        if isinstance(path, (str, os.PathLike)) and Path(path) == closed:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(ingest_module.os, "scandir", deny)
+    out = tmp_path / "f.npz"
+    summary = json.loads(run("embed", folder, "-o", out, "--model", tiny_model, "--device", "cpu", "--json"))
+    assert summary["failed"] == [{"path": str(closed), "error": "cannot list folder: Permission denied"}]
+    assert summary["files"] == 1 and read_features(out).failed == summary["failed"]
 
 
 def test_embed_waveform_equals_embed_files(tiny_model, tmp_path):
