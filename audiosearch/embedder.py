@@ -79,9 +79,17 @@ def default_batch_size(device: torch.device) -> int:
 
 
 def default_workers(device: torch.device) -> int:
-    """Decoding is cheap next to AST on a CPU; a GPU needs many decoders to stay fed."""
-    cores = os.cpu_count() or 1
-    return max(1, cores - 1) if device.type == "cuda" else 1
+    """Decoding is cheap next to AST on a CPU; a GPU needs many decoders to stay fed
+    (one core per decoder, one left for the process driving the GPU)."""
+    return max(1, usable_cores() - 1) if device.type == "cuda" else 1
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, e.g. under taskset or a job scheduler)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 class Embedder:

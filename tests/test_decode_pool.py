@@ -7,8 +7,10 @@ import os
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 import audiosearch.decode_pool as decode_pool
+import audiosearch.embedder as embedder
 from audiosearch.audio import decode
 from audiosearch.decode_pool import DecodePool, content_hash
 
@@ -61,3 +63,11 @@ def test_content_hash_reads_past_one_block(tmp_path) -> None:
     other.write_bytes(b"a" * (5 << 20) + b"b")
     assert content_hash(path) != content_hash(other)
     assert content_hash(path) == content_hash(str(path)) and len(content_hash(path)) == 32
+
+
+def test_a_gpu_gets_a_decoder_per_usable_core_but_one(monkeypatch) -> None:
+    monkeypatch.setattr(embedder.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})  # e.g. taskset -c 0-5
+    assert embedder.default_workers(torch.device("cuda")) == 5
+    assert embedder.default_workers(torch.device("cpu")) == 1  # the CPU runs the model: decoding fits in its gaps
+    monkeypatch.setattr(embedder.os, "sched_getaffinity", lambda pid: {0})
+    assert embedder.default_workers(torch.device("cuda")) == 1
