@@ -514,7 +514,7 @@ def print_report(r: dict) -> None:
         for one, other in RATIOS if (key := f"{one}_over_{other}") in r
     ]
     if ratios:
-        console.print("medians: " + "   ".join(ratios))
+        console.print("medians: " + "\n         ".join(ratios))
     console.print(
         f"TFLOP/s at the median rate; * a decoder's RSS counts the model pages it shares with its parent. "
         f"Wall {r['wall_seconds']:.0f} s, of which setup {r['setup_seconds']:.0f} s."
