@@ -22,11 +22,12 @@ compute is the real model's. The paths are timed side by side, round-robin in
   decode     ingest's decoding alone (same worker processes, hashing,
              segmenting, shared-memory hand-over): the most segments/s the
              decoders can feed the model; below `forward`, ingest is decode-bound
-  host       `ingest` with the forward pass stubbed out (instant, fixed outputs):
-             the ceiling of everything around the model
+  host       `ingest` with the forward pass stubbed out (instant, fixed outputs)
+             and the model loaded once: the ceiling of everything around the model
 
 Each path runs in its own process, so its peak RSS (and peak GPU memory) is its
-own. TFLOP/s comes from the model's FLOP count (`flops_per_segment`).
+own, and so is its CPU time per segment (that process's threads, plus its decoder
+processes). TFLOP/s comes from the model's FLOP count (`flops_per_segment`).
 """
 
 from __future__ import annotations
@@ -268,15 +269,18 @@ class Forward:
 
 
 class Host(Ingest):
-    """`ingest` with the model's forward pass replaced by an instant stub: the ceiling of
-    everything around the model (decoding, segmenting, staging, SQLite, FAISS)."""
+    """`ingest` with the model's forward pass replaced by an instant stub and the model loaded
+    once: the ceiling of everything around the model (decoding, segmenting, staging, SQLite, FAISS)."""
 
     def __init__(self, args, ckpt: Path):
         import torch
 
+        import audiosearch.ingest
         from audiosearch.model import Model, ModelOutput, PendingOutput
 
         super().__init__(args, ckpt)
+        loaded = Model(str(ckpt), device=args.device, precision=args.precision)
+        audiosearch.ingest.Model = lambda *_args, **_kwargs: loaded  # this process runs only this path
         config = json.loads((ckpt / "config.json").read_text())
         rows = 1024  # more than any batch
         embeddings = torch.nn.functional.normalize(torch.randn(rows, config["hidden_size"]), dim=-1)
@@ -286,7 +290,7 @@ class Host(Ingest):
             n = len(waveforms)
             return PendingOutput(ModelOutput(embeddings[:n].clone(), scores[:n].clone()))
 
-        Model.launch = launch  # this process runs only this path
+        Model.launch = launch
 
 
 class Decode:
@@ -328,7 +332,11 @@ def _serve(name: str, args: argparse.Namespace, ckpt: Path, conn) -> None:
         conn.send(("ready", None))
         while (request := conn.recv()) is not None:
             shard, want = request
-            conn.send(("round", path.round(Path(shard), want)))
+            before = _cpu_seconds()
+            result = path.round(Path(shard), want)
+            after = _cpu_seconds()
+            result["cpu_s"], result["children_cpu_s"] = after[0] - before[0], after[1] - before[1]
+            conn.send(("round", result))
         if hasattr(path, "close"):
             path.close()
         conn.send(("done", _memory(args)))
@@ -336,6 +344,12 @@ def _serve(name: str, args: argparse.Namespace, ckpt: Path, conn) -> None:
         import traceback
 
         conn.send(("error", f"{name}: {e!r}\n{traceback.format_exc()}"))
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU time of this process (all threads) and of its finished children (decoders exit with each run)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 def _memory(args) -> dict:
@@ -424,6 +438,8 @@ def run(args: argparse.Namespace) -> dict:
             "segments": segments, "files": sum(x["files"] for x in rounds[name]), "seconds": seconds,
             "segments_per_s": rate, "rounds": per_round, "median_segments_per_s": median,
             "tflops": median * gflop / 1e3, **memory[name],
+            "cpu_ms_per_segment": 1e3 * sum(x["cpu_s"] for x in rounds[name]) / segments,
+            "children_cpu_ms_per_segment": 1e3 * sum(x["children_cpu_s"] for x in rounds[name]) / segments,
         }
     p = result["paths"]
     # Headline ratios use each path's median round: on a shared machine another job can slow
@@ -486,7 +502,8 @@ def print_report(r: dict) -> None:
         f"{r['gflop_per_segment']:.1f} GFLOP/segment; load avg {r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f}"
     )
     table = Table()
-    for col in ("path", "segments", "files", "seconds", "segments/s", "per round", "median", "TFLOP/s", "peak RSS MiB"):
+    for col in ("path", "segments", "files", "seconds", "segments/s", "per round", "median", "TFLOP/s",
+                "CPU ms/segment", "peak RSS MiB"):
         table.add_column(col, justify="left" if col == "path" else "right")
     gpu = any("peak_gpu_mib" in p for p in r["paths"].values())
     if gpu:
@@ -496,13 +513,14 @@ def print_report(r: dict) -> None:
         "ingest": "(2) audiosearch ingest",
         "forward": "(3) bare forward",
         "decode": f"(4) decoding alone, {r['workers']} workers",
-        "host": "(5) ingest, model stubbed out",
+        "host": "(5) ingest, forward stubbed out",
     }
     for name, p in r["paths"].items():
         row = [
             labels[name], str(p["segments"]), str(p["files"]), f"{p['seconds']:.1f}", f"{p['segments_per_s']:.3f}",
             " ".join(f"{x:.3f}" for x in p["rounds"]), f"{p['median_segments_per_s']:.3f}",
             "–" if name in ("decode", "host") else f"{p['tflops']:.3f}",
+            f"{p['cpu_ms_per_segment']:.2f}" + (f" + {c:.2f}*" if (c := p["children_cpu_ms_per_segment"]) else ""),
             f"{p['peak_rss_mib']:.0f}" + (f" (decoders {p['peak_child_rss_mib']:.0f}*)" if name in ("ingest", "decode", "host") else ""),
         ]
         if gpu:
@@ -516,7 +534,8 @@ def print_report(r: dict) -> None:
     if ratios:
         console.print("medians: " + "\n         ".join(ratios))
     console.print(
-        f"TFLOP/s at the median rate; * a decoder's RSS counts the model pages it shares with its parent. "
+        f"TFLOP/s at the median rate; CPU: the path's process (all threads) + its decoders*. "
+        f"* a decoder's RSS counts the model pages it shares with its parent. "
         f"Wall {r['wall_seconds']:.0f} s, of which setup {r['setup_seconds']:.0f} s."
     )
 
