@@ -101,7 +101,11 @@ _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page in one call inste
 
 
 def _decode_shared(conn: Connection, key: object, path: str, with_hash: bool) -> None:
-    fd = os.memfd_create("audiosearch-decoded", os.MFD_CLOEXEC)
+    try:
+        fd = os.memfd_create("audiosearch-decoded", os.MFD_CLOEXEC)
+    except OSError:  # out of descriptors or memory: this file goes through the pipe
+        conn.send((decode_one(key, path, with_hash), 0))
+        return
     try:
         with open(fd, "wb", closefd=False) as sink:
 
@@ -124,6 +128,8 @@ def _receive(conn: Connection) -> Decoded:
         fd = recv_handle(conn)
         try:
             shared = mmap.mmap(fd, size * 4, flags=mmap.MAP_SHARED | _POPULATE)
+        except OSError as e:  # this file's audio is lost; the worker is fine
+            return Decoded(result.key, result.path, error=f"cannot map decoded audio: {e.strerror or e}")
         finally:
             os.close(fd)  # the mapping keeps the memory, until the last view of the samples is freed
         result.audio = replace(result.audio, samples=np.frombuffer(shared, dtype=np.float32))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import numpy as np
@@ -54,6 +55,35 @@ def test_workers_return_what_decoding_here_returns(tmp_path, monkeypatch, shared
     assert there[paths[5]].error.startswith("not readable audio")
     del there, d  # CPython's mmap holds a duplicate of the descriptor while the samples live
     assert _open_fds() == before  # descriptors passed by the workers are all closed
+
+
+def test_out_of_descriptors_in_a_worker_falls_back_to_the_pipe(tmp_path, monkeypatch) -> None:
+    paths = _library(tmp_path)[:2]
+
+    def no_memfd(*_args):
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(decode_pool.os, "memfd_create", no_memfd)  # inherited by the forked workers
+    for d in DecodePool(1).map((p, p) for p in paths):
+        np.testing.assert_array_equal(d.audio.samples, decode(d.path).samples)
+
+
+def test_a_mapping_failure_costs_one_file_not_the_worker(tmp_path, monkeypatch) -> None:
+    paths = _library(tmp_path)[:2]
+    real, calls = mmap.mmap, []
+
+    def fail_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(12, "Cannot allocate memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode_pool.mmap, "mmap", fail_once)  # in this process, after the fork
+    results = {d.path: d for d in DecodePool(1).map((p, p) for p in paths)}
+    failed = [d for d in results.values() if d.error]
+    assert [d.error for d in failed] == ["cannot map decoded audio: Cannot allocate memory"]
+    [ok] = [d for d in results.values() if not d.error]
+    np.testing.assert_array_equal(ok.audio.samples, decode(ok.path).samples)
 
 
 def test_content_hash_reads_past_one_block(tmp_path) -> None:
