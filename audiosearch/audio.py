@@ -124,6 +124,8 @@ def decode_into(path: str | Path, write: Callable[[np.ndarray], object]) -> tupl
 def to_model_audio(data: np.ndarray, sample_rate: int) -> Audio:
     """Mix down [n] or [n, channels] samples and resample them to SAMPLE_RATE."""
     data = np.asarray(data, dtype=np.float32)
+    if data.ndim not in (1, 2) or data.ndim == 2 and data.shape[1] == 0:
+        raise AudioDecodeError(f"expected samples shaped [n] or [n, channels], got {list(data.shape)}")
     channels = 1 if data.ndim == 1 else data.shape[1]
     return _model_audio(mixdown(data), sample_rate, channels)
 

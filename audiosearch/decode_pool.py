@@ -18,6 +18,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
@@ -124,16 +125,39 @@ def _decode_shared(conn: Connection, key: object, path: str, with_hash: bool) ->
 
 def _receive(conn: Connection) -> Decoded:
     result, size = conn.recv()
-    if size:
+    if not size:
+        return result
+    try:
         fd = recv_handle(conn)
-        try:
-            shared = mmap.mmap(fd, size * 4, flags=mmap.MAP_SHARED | _POPULATE)
-        except OSError as e:  # this file's audio is lost; the worker is fine
-            return Decoded(result.key, result.path, error=f"cannot map decoded audio: {e.strerror or e}")
-        finally:
-            os.close(fd)  # the mapping keeps the memory, until the last view of the samples is freed
-        result.audio = replace(result.audio, samples=np.frombuffer(shared, dtype=np.float32))
+    except RuntimeError:  # the message came, its descriptor did not: this process has none left
+        return _lost(result, "too many open files")
+    try:
+        shared = mmap.mmap(fd, size * 4, flags=mmap.MAP_SHARED | _POPULATE, **_UNTRACKED)
+    except OSError as e:  # this file's audio is lost; the worker is fine
+        return _lost(result, e.strerror or str(e))
+    finally:
+        os.close(fd)  # the mapping keeps the memory, until the last view of the samples is freed
+    if _UNTRACKED or len(_live_mappings) < MAX_LIVE_MAPPINGS:
+        _live_mappings.add(shared)
+        samples = np.frombuffer(shared, dtype=np.float32)
+    else:  # held on to by the caller: copy, so that descriptors do not run out
+        samples = np.frombuffer(shared, dtype=np.float32).copy()
+        shared.close()
+    result.audio = replace(result.audio, samples=samples)
     return result
+
+
+def _lost(result: Decoded, reason: str) -> Decoded:
+    return Decoded(result.key, result.path, hash=result.hash, error=f"cannot receive decoded audio: {reason}")
+
+
+# Before Python 3.13 a mapping keeps a duplicate of its file descriptor for as long as it lives,
+# so each decoded file the caller still holds (queued, in a batch, kept by the caller) holds
+# a descriptor. Past MAX_LIVE_MAPPINGS, samples are copied out and the mapping closed: well
+# under the usual limit of 1,024 descriptors, whatever the batch size.
+_UNTRACKED = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+MAX_LIVE_MAPPINGS = 256
+_live_mappings: weakref.WeakSet = weakref.WeakSet()
 
 
 class DecodePool:
@@ -211,8 +235,10 @@ class _Slot:
     def _spawn(self) -> None:
         self.conn, child = self.ctx.Pipe()
         self.proc = self.ctx.Process(target=_worker, args=(child, self.with_hash, self.nice), daemon=True)
-        self.proc.start()
-        child.close()
+        try:
+            self.proc.start()
+        finally:
+            child.close()
 
     def submit(self, task: tuple[object, str]) -> None:
         self.task, self.started = task, time.monotonic()
@@ -243,6 +269,9 @@ class _Slot:
         return Decoded(key, path, error=error)
 
     def close(self) -> None:
+        if self.proc.pid is None:  # never started (starting it failed)
+            self.conn.close()
+            return
         try:
             self.conn.send(None)
         except OSError:

@@ -91,6 +91,12 @@ def test_mono_input_is_kept_as_is() -> None:
     np.testing.assert_array_equal(mixdown(x[:, None]), x)
 
 
+@pytest.mark.parametrize("shape", [(100, 0), (2, 3, 4), ()])
+def test_signals_without_channels_are_refused(shape) -> None:
+    with pytest.raises(AudioDecodeError, match="expected samples shaped"):
+        to_model_audio(np.zeros(shape, np.float32), 16000)
+
+
 def test_waveforms_in_memory_go_the_same_way_as_files(tmp_path) -> None:
     path = tmp_path / "x.wav"
     _write(path, "WAV", "FLOAT", 2, 44100)

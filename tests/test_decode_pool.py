@@ -81,9 +81,42 @@ def test_a_mapping_failure_costs_one_file_not_the_worker(tmp_path, monkeypatch) 
     monkeypatch.setattr(decode_pool.mmap, "mmap", fail_once)  # in this process, after the fork
     results = {d.path: d for d in DecodePool(1).map((p, p) for p in paths)}
     failed = [d for d in results.values() if d.error]
-    assert [d.error for d in failed] == ["cannot map decoded audio: Cannot allocate memory"]
+    assert [d.error for d in failed] == ["cannot receive decoded audio: Cannot allocate memory"]
+    assert failed[0].hash is None or len(failed[0].hash) == 32
     [ok] = [d for d in results.values() if not d.error]
     np.testing.assert_array_equal(ok.audio.samples, decode(ok.path).samples)
+
+
+def test_a_descriptor_that_does_not_arrive_costs_one_file(tmp_path, monkeypatch) -> None:
+    paths = _library(tmp_path)[:2]
+    real, calls = decode_pool.recv_handle, []
+
+    def out_of_descriptors_once(conn):  # what multiprocessing raises when the kernel could not pass the fd
+        fd = real(conn)
+        calls.append(1)
+        if len(calls) == 1:
+            os.close(fd)
+            raise RuntimeError("received 0 items of ancdata")
+        return fd
+
+    monkeypatch.setattr(decode_pool, "recv_handle", out_of_descriptors_once)
+    results = list(DecodePool(1).map((p, p) for p in paths))
+    assert sorted(d.error or "ok" for d in results) == ["cannot receive decoded audio: too many open files", "ok"]
+
+
+def test_files_held_past_the_mapping_cap_are_copied(tmp_path, monkeypatch) -> None:
+    """Before Python 3.13 each live mapping holds a descriptor: past the cap, samples are copied out."""
+    monkeypatch.setattr(decode_pool, "MAX_LIVE_MAPPINGS", 2)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(8):
+        paths.append(str(tmp_path / f"{i}.wav"))
+        sf.write(paths[-1], rng.uniform(-0.5, 0.5, 20_000), 16000)
+    before = _open_fds()
+    held = list(DecodePool(1).map((p, p) for p in paths))
+    assert _open_fds() <= before + 2
+    for d in held:
+        np.testing.assert_array_equal(d.audio.samples, decode(d.path).samples)
 
 
 def test_content_hash_reads_past_one_block(tmp_path) -> None:
