@@ -276,24 +276,26 @@ def plan_changes(known: list[FileRow], disk: list[DiskFile], roots: list[Path], 
 
 
 def _moved_from(f: DiskFile, vanished_by_size: dict[int, list[FileRow]], taken: set[str]) -> str | None:
-    candidates = [r for r in vanished_by_size.get(f.size, []) if r.path not in taken]
-    if not candidates:
-        return None
-    digest = _hash_or_none(f.path)
+    candidates = [r for r in vanished_by_size.get(f.size, []) if r.path not in taken and r.hash]
+    digests: dict[bool, str | None] = {}  # by "is a legacy digest": the file is hashed at most once per kind
     for row in candidates:
-        if row.hash == digest:
+        legacy = ":" not in row.hash
+        if legacy not in digests:
+            digests[legacy] = _hash_or_none(f.path, like=row.hash)
+        if digests[legacy] == row.hash:
             taken.add(row.path)
             return row.path
     return None
 
 
 def same_content(path: str, digest: str | None) -> bool:
-    return digest is not None and _hash_or_none(path) == digest
+    """Whether the file's bytes still hash to `digest` (with the algorithm that made it)."""
+    return digest is not None and _hash_or_none(path, like=digest) == digest
 
 
-def _hash_or_none(path: str) -> str | None:
+def _hash_or_none(path: str, like: str | None = None) -> str | None:
     try:
-        return content_hash(path)
+        return content_hash(path, like)
     except OSError:
         return None
 

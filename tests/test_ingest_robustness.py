@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import hashlib
 import json
 import multiprocessing
 import os
@@ -128,6 +129,24 @@ def test_only_changes_are_embedded_and_queries_follow(tiny_model, tmp_path, deco
     decoded.clear()
     fourth = ingest_json(lib, index)
     assert decoded == [] and fourth["unchanged"] == 3 and fourth["added"] + fourth["updated"] == 0
+
+
+def test_indexes_hashed_with_blake2b_keep_their_moves_and_touches(tiny_model, tmp_path, decoded):
+    """Indexes written before XXH3 hold bare BLAKE2b-128 digests: still compared, by BLAKE2b."""
+    lib, index = tmp_path / "lib", tmp_path / "idx"
+    a = write(lib / "a.wav", syn.tone(440, 3), 16000)
+    t = write(lib / "t.wav", syn.chirp(300, 3000, 3), 16000)
+    ingest_json(lib, index, tiny_model)
+    assert all(h.startswith("xxh3:") for (h,) in rows(index, "SELECT hash FROM files"))
+    with sqlite3.connect(index / "audiosearch.db") as db:
+        for path in (a, t):
+            db.execute("UPDATE files SET hash = ? WHERE path = ?", (hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest(), str(path)))
+    moved = lib / "moved.wav"
+    a.rename(moved)
+    os.utime(t, (2e9, 2e9))
+    decoded.clear()
+    again = ingest_json(lib, index)
+    assert decoded == [] and (again["moved"], again["unchanged"], again["added"]) == (1, 1, 0)
 
 
 def test_no_prune_keeps_deleted_files(tiny_model, tmp_path):
