@@ -118,7 +118,7 @@ def decode_into(path: str | Path, write: Callable[[np.ndarray], object]) -> tupl
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
         raise AudioDecodeError(f"not readable audio: {_reason(e)}") from e
     except MemoryError as e:
-        raise AudioDecodeError("header claims more audio than fits in memory") from e
+        raise AudioDecodeError("not enough memory to decode this file") from e
 
 
 def to_model_audio(data: np.ndarray, sample_rate: int) -> Audio:
