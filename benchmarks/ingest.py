@@ -494,7 +494,7 @@ def print_report(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=150)  # the table stays whole when piped to a file
+    console = Console(width=180)  # the table stays whole when piped to a file
     console.print(f"[bold]{r['command']}[/]")
     console.print(
         f"{r['machine']}; device {r['device']}, precision {r['precision']}, batch {r['batch_size']}, "
