@@ -22,7 +22,6 @@ SAMPLE_RATE = 16_000  # Hz, what AST was trained on
 SEGMENT_SECONDS = 10.24  # 1024 frames of 10 ms: one AST input
 SEGMENT_SAMPLES = round(SEGMENT_SECONDS * SAMPLE_RATE)  # 163840 samples
 MIN_SECONDS = 0.1  # shorter files hold too little sound to embed
-_BLOCK_FRAMES = 1 << 16  # frames read at a time: ~1.4 s at 44.1 kHz, 256 KiB of 16-bit stereo
 MIN_TAIL_SECONDS = 1.0  # a trailing segment shorter than this is dropped
 MAX_SECONDS = 24 * 3600.0  # a header claiming more than a day is treated as corrupt
 
@@ -36,6 +35,7 @@ _READ_AS = {
     "PCM_24": ("int32", 2.0**-31),
     "PCM_32": ("int32", 2.0**-31),
 }
+_BLOCK_FRAMES = 1 << 16  # frames decoded at a time: ~1.4 s at 44.1 kHz, 256 KiB of 16-bit stereo
 
 AUDIO_EXTENSIONS = frozenset(
     ".wav .wave .flac .ogg .oga .opus .mp3 .aif .aiff .aifc .au .snd .caf .w64 .rf64 .sd2 .voc .wv".split()
