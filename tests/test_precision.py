@@ -172,3 +172,32 @@ def test_a_staging_slot_is_not_rewritten_while_its_batch_may_be_in_flight(tiny_m
     signal = syn.chirp(200, 4000, 25)
     segments = embedder.embed_waveform(signal, 16000)
     assert len(segments) == 3 and all(event.synced for event in last.values())
+
+
+def test_deferred_batches_read_their_own_slot(tiny_model, library):
+    """GPU semantics on the CPU: two staging slots, and each batch computed only when its result
+    is asked for (as a queued copy and forward run later on a GPU). If staging the next batch
+    touched a slot whose batch was still in flight, these embeddings would come out wrong."""
+    from audiosearch.model import PendingOutput
+
+    files = library_files(library)
+    eager = pipeline(tiny_model, files, "fp32")
+    embedder = Embedder(str(tiny_model), device="cpu", precision="fp32", batch_size=BATCH, workers=1)
+    embedder._slots = [tuple(t.clone() for t in embedder._slots[0]) for _ in range(2)]
+    embedder._slot_pending = [None, None]
+    real = embedder.model.launch
+
+    class Deferred(PendingOutput):
+        def __init__(self, waves, lengths):
+            self.waves, self.lengths, self.output = waves, lengths, None
+
+        def result(self):
+            if self.output is None:
+                self.output = real(self.waves, self.lengths).result()
+            return self.output
+
+    embedder.model.launch = lambda waves, lengths, **kwargs: Deferred(waves, lengths)
+    deferred = {}
+    for f in embedder.embed_files(files):
+        deferred.update({(f.path, s.start): (s.embedding, s.scores) for s in f.segments})
+    assert cosines(eager, deferred).min() > 0.999999
