@@ -92,24 +92,20 @@ def _worker(conn: Connection, with_hash: bool, nice: int = 0) -> None:
             return
         if task is None:
             return
-        if _SHARED_MEMORY:
-            _decode_shared(conn, *task, with_hash)
-        else:
-            conn.send((decode_one(*task, with_hash), 0))
+        _decode_and_send(conn, *task, with_hash)
 
 
 # Decoded samples travel in shared memory: the worker decodes straight into a memfd and passes
 # its descriptor over its socket. Pickled through the pipe, they cost the receiving process
 # 0.5 ms of CPU per 10.24 s segment: at a GPU's pace (1,500 segments/s) a whole core, in the
 # process that drives the model.
-_SHARED_MEMORY = hasattr(os, "memfd_create")
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page in one call instead of faulting each in
 
 
-def _decode_shared(conn: Connection, key: object, path: str, with_hash: bool) -> None:
+def _decode_and_send(conn: Connection, key: object, path: str, with_hash: bool) -> None:
     try:
         fd = os.memfd_create("audiosearch-decoded", os.MFD_CLOEXEC)
-    except OSError:  # out of descriptors or memory: this file goes through the pipe
+    except (AttributeError, OSError):  # no memfd (not Linux), or out of descriptors: through the pipe
         conn.send((decode_one(key, path, with_hash), 0))
         return
     try:
@@ -256,7 +252,7 @@ class _Slot:
                 result = _receive(self.conn)
                 self.task = None
                 return result
-            except (EOFError, OSError, RuntimeError):
+            except (EOFError, OSError):
                 return self._replace(f"decoder crashed ({_exit_reason(self.proc)})")
         if not self.proc.is_alive():
             return self._replace(f"decoder crashed ({_exit_reason(self.proc)})")
