@@ -36,6 +36,7 @@ _READ_AS = {
     "PCM_32": ("int32", 2.0**-31),
 }
 _BLOCK_FRAMES = 1 << 16  # frames decoded at a time: ~1.4 s at 44.1 kHz, 256 KiB of 16-bit stereo
+_QUALITY = "HQ"  # soxr's band-limited resampling, for files (streamed) and signals (in one call) alike
 
 AUDIO_EXTENSIONS = frozenset(
     ".wav .wave .flac .ogg .oga .opus .mp3 .aif .aiff .aifc .au .snd .caf .w64 .rf64 .sd2 .voc .wv".split()
@@ -101,13 +102,11 @@ def decode_into(path: str | Path, write: Callable[[np.ndarray], object]) -> tupl
             # up to 0.5 full scale): MP3 is read whole, in one call, as libsndfile reads it right.
             whole = f.format == "MP3"
             buffer = None if whole else np.empty((_BLOCK_FRAMES, channels), dtype=dtype)
-            resampler = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, "float32", "HQ")
+            resampler = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, "float32", _QUALITY)
             while True:
                 block = f.read(-1 if whole else _BLOCK_FRAMES, dtype=dtype, always_2d=True, out=buffer)
                 last = whole or len(block) < _BLOCK_FRAMES
-                mono = mixdown(block, scale)
-                if not np.isfinite(mono).all():
-                    raise AudioDecodeError("audio holds NaN or infinite samples")
+                mono = _finite(mixdown(block, scale))
                 out = mono if resampler is None else resampler.resample_chunk(mono, last=last)
                 if len(out):
                     write(out)
@@ -127,7 +126,7 @@ def to_model_audio(data: np.ndarray, sample_rate: int) -> Audio:
     if data.ndim not in (1, 2) or data.ndim == 2 and data.shape[1] == 0:
         raise AudioDecodeError(f"expected samples shaped [n] or [n, channels], got {list(data.shape)}")
     channels = 1 if data.ndim == 1 else data.shape[1]
-    return _model_audio(mixdown(data), sample_rate, channels)
+    return Audio(resample(_finite(mixdown(data)), sample_rate), sample_rate, channels)
 
 
 def mixdown(data: np.ndarray, scale: float = 1.0) -> np.ndarray:
@@ -154,16 +153,16 @@ def mixdown(data: np.ndarray, scale: float = 1.0) -> np.ndarray:
     return mono
 
 
-def _model_audio(mono: np.ndarray, sample_rate: int, channels: int) -> Audio:
+def _finite(mono: np.ndarray) -> np.ndarray:
     if not np.isfinite(mono).all():
         raise AudioDecodeError("audio holds NaN or infinite samples")
-    return Audio(resample(mono, sample_rate), sample_rate, channels)
+    return mono
 
 
 def resample(samples: np.ndarray, rate: int) -> np.ndarray:
     if rate == SAMPLE_RATE or len(samples) == 0:
         return np.ascontiguousarray(samples, dtype=np.float32)
-    return soxr.resample(samples, rate, SAMPLE_RATE, quality="HQ").astype(np.float32, copy=False)
+    return soxr.resample(samples, rate, SAMPLE_RATE, quality=_QUALITY).astype(np.float32, copy=False)
 
 
 def segment(samples: np.ndarray, hop_seconds: float = SEGMENT_SECONDS) -> list[Segment]:
