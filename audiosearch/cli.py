@@ -36,6 +36,8 @@ ModelOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16.")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Segments per model batch.")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=0, help="Decoding processes.")]
+HopOpt = Annotated[Optional[float], typer.Option("--hop", min=0.1, help="Seconds between segment starts (default: 10.24).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 DEFAULT_INDEX = Path("indexes/default")
 
@@ -66,8 +68,8 @@ def ingest(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     batch_size: BatchOpt = None,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding processes.")] = None,
-    hop: Annotated[Optional[float], typer.Option(min=0.1, help="Seconds between segment starts (default: 10.24).")] = None,
+    workers: WorkersOpt = None,
+    hop: HopOpt = None,
     prune: Annotated[bool, typer.Option(help="Forget indexed files that are gone from these folders.")] = True,
     retry_failed: Annotated[bool, typer.Option(help="Try again files that failed before.")] = False,
     memory_budget: Annotated[Optional[float], typer.Option(
@@ -189,8 +191,8 @@ def embed(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     batch_size: BatchOpt = None,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="Decoding processes.")] = None,
-    hop: Annotated[Optional[float], typer.Option(min=0.1, help="Seconds between segment starts (default: 10.24).")] = None,
+    workers: WorkersOpt = None,
+    hop: HopOpt = None,
     top_labels: TopLabelsOpt = None,
     tokens: Annotated[
         bool, typer.Option("--tokens", help="Also store the last-layer patch tokens [T', F', D].")
