@@ -16,7 +16,7 @@ _EXPORTS = {
     "Hit": "query", "QueryResult": "query",
     "Embedder": "embedder", "FileEmbedding": "embedder", "SegmentEmbedding": "embedder",
     "embed_to_file": "export", "export_index": "export", "ExportSummary": "export",
-    "read_features": "feature_file", "Features": "feature_file",
+    "read_features": "embedding_files", "Features": "embedding_files",
     "Model": "model", "DEFAULT_MODEL": "model",
     "Collection": "collection", "collection_info": "collection", "label_counts": "collection",
     "AudiosearchError": "errors",

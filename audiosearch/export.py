@@ -21,7 +21,7 @@ from .audio import SAMPLE_RATE, SEGMENT_SECONDS
 from .collection import Collection
 from .embedder import Embedder, FileEmbedding, Tally
 from .errors import FeatureFileError
-from .feature_file import FeatureHeader, FeatureRows, FeatureWriter, output_format
+from .embedding_files import FeatureHeader, FeatureRows, FeatureWriter, output_format
 from .ingest import Progress, Unreadable, scan
 from .model import DEFAULT_MODEL, Model, fingerprint
 

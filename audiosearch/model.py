@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
-from .features import FeatureConfig, LogMel
+from .logmel import FeatureConfig, LogMel
 
 DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

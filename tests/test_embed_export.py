@@ -20,7 +20,7 @@ from audiosearch import Embedder, read_features
 from audiosearch import synthetic as syn
 from audiosearch.cli import app
 from audiosearch.errors import AudioDecodeError, FeatureFileError
-from audiosearch.feature_file import FeatureHeader, FeatureRows, FeatureWriter
+from audiosearch.embedding_files import FeatureHeader, FeatureRows, FeatureWriter
 from audiosearch.index import VectorIndex
 import audiosearch.ingest as ingest_module
 from audiosearch.ingest import ingest

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import ASTFeatureExtractor
 
-from audiosearch.features import FeatureConfig, LogMel
+from audiosearch.logmel import FeatureConfig, LogMel
 
 SR = 16000
 F32_TOL = 2e-3
