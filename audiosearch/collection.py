@@ -19,6 +19,8 @@ from pathlib import Path
 from .audio import SAMPLE_RATE, SEGMENT_SECONDS
 from .errors import IndexLocked, IndexWriteError, ModelMismatch
 from .index import IndexCorrupt, IndexOptions, SyncReport, VectorIndex, sync_index
+from .match import lookup as print_lookup
+from .match.lookup import LookupCorrupt, PrintLookup
 from .model import Model, fingerprint
 from .store import Store
 
@@ -158,6 +160,70 @@ class Collection:
     def stale_temp_files(self) -> list[Path]:
         """Temp files of index saves (VectorIndex.save names them so); stale unless a save is running."""
         return sorted(self.dir.glob(f".{INDEX_FILE}.*.tmp"))
+
+    # -- the print lookup index (derived from the fingerprints, like the FAISS file) ----------
+    def load_prints(self) -> PrintLookup:
+        """The print lookup as of the last commit; brought up to date from SQLite (in memory) when stale."""
+        lookup = self._read_prints()
+        with self.store.snapshot():
+            generation = self.store.generation
+            if lookup is not None and lookup.generation == generation:
+                return lookup
+            lookup = lookup or PrintLookup()
+            lookup.sync(self.store)
+            lookup.generation = generation
+        self._save_prints_if_free(lookup)
+        return lookup
+
+    def refresh_prints(self) -> print_lookup.SyncReport:
+        """Writer only: bring the print lookup files up to date with SQLite and save them atomically."""
+        with self.store.snapshot():
+            generation = self.store.generation
+            lookup = self._read_prints()
+            if lookup is not None and lookup.generation == generation:
+                return print_lookup.SyncReport(added=0, removed=0, merged=False)
+            lookup = lookup or PrintLookup()
+            report = lookup.sync(self.store)
+            lookup.generation = generation
+        self._save_prints(lookup)
+        return report
+
+    def rebuild_prints(self) -> PrintLookup:
+        """Writer only: build the print lookup afresh from SQLite, trusting nothing saved."""
+        with self.store.snapshot():
+            lookup = PrintLookup()
+            lookup.sync(self.store)
+            lookup.generation = self.store.generation
+        self._save_prints(lookup)
+        return lookup
+
+    def _read_prints(self) -> PrintLookup | None:
+        try:
+            return print_lookup.load(self.dir)
+        except LookupCorrupt:
+            return None
+
+    def _save_prints(self, lookup: PrintLookup) -> None:
+        try:
+            print_lookup.save(lookup, self.dir)
+        except OSError as e:
+            raise IndexWriteError(f"cannot save the print lookup in {self.dir} ({e.strerror or e}); duplicates "
+                                  "are still found, from SQLite, and the next ingest saves it") from e
+
+    def _save_prints_if_free(self, lookup: PrintLookup) -> None:
+        held = self._lock_fd is not None
+        try:
+            if not (held or self._try_lock()):
+                return
+        except OSError:
+            return
+        try:
+            self._save_prints(lookup)
+        except IndexWriteError:
+            pass
+        finally:
+            if not held:
+                self.unlock()
 
     # -- the single-writer lock -------------------------------------------
     @contextmanager

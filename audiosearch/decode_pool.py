@@ -46,6 +46,16 @@ class Decoded:
     audio: Audio | None = None
     hash: str | None = None
     error: str | None = None
+    prints: bytes | None = None  # the fingerprint (match.fingerprint), when asked for
+
+
+def _with_prints(result: Decoded, samples: np.ndarray | None = None) -> Decoded:
+    """Fingerprint the decoded samples here, in the decoder, off the model's process."""
+    if result.audio is not None:
+        from .match.fingerprint import fingerprint
+
+        result.prints = fingerprint(result.audio.samples if samples is None else samples).to_bytes()
+    return result
 
 
 def content_hash(path: str | Path, like: str | None = None) -> str:
@@ -67,18 +77,20 @@ def content_hash(path: str | Path, like: str | None = None) -> str:
     return h.hexdigest() if legacy else f"xxh3:{h.hexdigest()}"
 
 
-def decode_one(key: object, path: str, with_hash: bool, decoder: Callable[[str], Audio] = decode) -> Decoded:
+def decode_one(key: object, path: str, with_hash: bool, decoder: Callable[[str], Audio] = decode,
+               with_prints: bool = False) -> Decoded:
     """Decode a file, turning every expected failure into `Decoded.error`."""
     try:
         digest = content_hash(path) if with_hash else None
-        return Decoded(key, path, decoder(path), digest)
+        result = Decoded(key, path, decoder(path), digest)
+        return _with_prints(result) if with_prints and decoder is decode else result
     except AudiosearchError as e:
         return Decoded(key, path, error=str(e))
     except OSError as e:
         return Decoded(key, path, error=f"cannot read file: {e.strerror or e}")
 
 
-def _worker(conn: Connection, with_hash: bool, nice: int = 0) -> None:
+def _worker(conn: Connection, with_hash: bool, nice: int = 0, with_prints: bool = False) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if nice:
         try:
@@ -92,7 +104,7 @@ def _worker(conn: Connection, with_hash: bool, nice: int = 0) -> None:
             return
         if task is None:
             return
-        _decode_and_send(conn, *task, with_hash)
+        _decode_and_send(conn, *task, with_hash, with_prints)
 
 
 # Decoded samples travel in shared memory: the worker decodes straight into a memfd and passes
@@ -102,11 +114,11 @@ def _worker(conn: Connection, with_hash: bool, nice: int = 0) -> None:
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page in one call instead of faulting each in
 
 
-def _decode_and_send(conn: Connection, key: object, path: str, with_hash: bool) -> None:
+def _decode_and_send(conn: Connection, key: object, path: str, with_hash: bool, with_prints: bool = False) -> None:
     try:
         fd = os.memfd_create("audiosearch-decoded", os.MFD_CLOEXEC)
     except (AttributeError, OSError):  # no memfd (not Linux), or out of descriptors: through the pipe
-        conn.send((decode_one(key, path, with_hash), 0))
+        conn.send((decode_one(key, path, with_hash, with_prints=with_prints), 0))
         return
     try:
         with open(fd, "wb", closefd=False) as sink:
@@ -117,11 +129,26 @@ def _decode_and_send(conn: Connection, key: object, path: str, with_hash: bool) 
 
             result = decode_one(key, path, with_hash, into_shared_memory)
             size = sink.tell() // 4 if result.audio is not None else 0
+        if with_prints and result.audio is not None:
+            _fingerprint_shared(result, fd, size)
         conn.send((result, size))
         if size:
             send_handle(conn, fd, 0)
     finally:
         os.close(fd)
+
+
+def _fingerprint_shared(result: Decoded, fd: int, size: int) -> None:
+    """Fingerprint the samples just written to the memfd (read back from memory, not decoded again)."""
+    if size == 0:
+        _with_prints(result, np.zeros(0, np.float32))
+        return
+    with mmap.mmap(fd, size * 4, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as view:
+        samples = np.frombuffer(view, dtype=np.float32)
+        try:
+            _with_prints(result, samples)
+        finally:
+            del samples
 
 
 def _receive(conn: Connection) -> Decoded:
@@ -169,14 +196,16 @@ class DecodePool:
     slowing every one of its threads (a parallel op runs at its slowest thread's pace).
     """
 
-    def __init__(self, workers: int, *, with_hash: bool = False, prefetch: int = 8, nice: int = 0):
+    def __init__(self, workers: int, *, with_hash: bool = False, prefetch: int = 8, nice: int = 0,
+                 with_prints: bool = False):
         self.workers, self.with_hash, self.prefetch, self.nice = workers, with_hash, prefetch, nice
+        self.with_prints = with_prints  # also fingerprint each file (ingest)
 
     def map(self, tasks: Iterable[tuple[object, str]]) -> Iterator[Decoded]:
         """Yield one Decoded per (key, path) task, in completion order."""
         if self.workers <= 0:
             for key, path in tasks:
-                yield decode_one(key, path, self.with_hash)
+                yield decode_one(key, path, self.with_hash, with_prints=self.with_prints)
             return
         out: queue.Queue = queue.Queue(maxsize=max(self.prefetch, self.workers))
         stop = threading.Event()
@@ -196,7 +225,7 @@ class DecodePool:
         slots: list[_Slot] = []
         try:  # starting a worker can fail too (e.g. inside a daemonic process): never leave map() waiting
             for _ in range(self.workers):
-                slots.append(_Slot(ctx, self.with_hash, self.nice))
+                slots.append(_Slot(ctx, self.with_hash, self.nice, self.with_prints))
             self._loop(slots, tasks, out, stop)
             out.put(_DONE)
         except BaseException as e:  # hand any failure to the consuming thread
@@ -227,15 +256,15 @@ class DecodePool:
 class _Slot:
     """One worker process and the task it holds."""
 
-    def __init__(self, ctx, with_hash: bool, nice: int = 0):
-        self.ctx, self.with_hash, self.nice = ctx, with_hash, nice
+    def __init__(self, ctx, with_hash: bool, nice: int = 0, with_prints: bool = False):
+        self.ctx, self.with_hash, self.nice, self.with_prints = ctx, with_hash, nice, with_prints
         self.task: tuple[object, str] | None = None
         self.started = 0.0
         self._spawn()
 
     def _spawn(self) -> None:
         self.conn, child = self.ctx.Pipe()
-        self.proc = self.ctx.Process(target=_worker, args=(child, self.with_hash, self.nice), daemon=True)
+        self.proc = self.ctx.Process(target=_worker, args=(child, self.with_hash, self.nice, self.with_prints), daemon=True)
         try:
             self.proc.start()
         finally:

@@ -46,6 +46,7 @@ class FileEmbedding:
     sample_rate: int | None = None
     channels: int | None = None
     hash: str | None = None
+    prints: bytes | None = None  # the file's fingerprint (match.fingerprint), when ingest asked for it
 
 
 DECODE_NICE = 10  # decoders' niceness when the model runs on the CPU
@@ -153,11 +154,13 @@ class Embedder:
             pass
         return job.result.segments
 
-    def run(self, tasks: Iterable[tuple[object, str]], *, with_hash: bool = False) -> Iterator[FileEmbedding]:
-        """Embed (key, path) tasks; the key comes back on each FileEmbedding."""
+    def run(self, tasks: Iterable[tuple[object, str]], *, with_hash: bool = False,
+            with_prints: bool = False) -> Iterator[FileEmbedding]:
+        """Embed (key, path) tasks; the key comes back on each FileEmbedding (with its fingerprint if asked)."""
         pending: list[tuple[_Job, int, Segment]] = []
         self._in_flight = None  # whatever an abandoned run left behind
-        for decoded in DecodePool(self.workers, with_hash=with_hash, nice=self.decode_nice).map(tasks):
+        pool = DecodePool(self.workers, with_hash=with_hash, nice=self.decode_nice, with_prints=with_prints)
+        for decoded in pool.map(tasks):
             job = self._job(decoded)
             if job.done:
                 yield job.result
@@ -240,6 +243,7 @@ class _Job:
             sample_rate=audio.source_rate if audio else None,
             channels=audio.channels if audio else None,
             hash=decoded.hash,
+            prints=decoded.prints,
         )
 
     @property

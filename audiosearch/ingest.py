@@ -35,8 +35,12 @@ from .decode_pool import content_hash
 from .embedder import Embedder, FileEmbedding, Tally
 from .errors import AudiosearchError, IndexWriteError, NoAudioFiles
 from .index import SyncReport
+from .match.lookup import SyncReport as PrintSyncReport
 from .model import DEFAULT_MODEL, Model
-from .store import FileRow, SegmentResult
+from .match.fingerprint import HEADER_BYTES as PRINT_HEADER_BYTES
+from .match.fingerprint import PEAK_BYTES as PRINT_BYTES
+from .match.fingerprint import VERSION as PRINT_VERSION
+from .store import FileRow, PrintRow, SegmentResult
 
 COMMIT_SECONDS = 1.0  # longest a finished file waits before its transaction commits
 CHECKPOINT_SECONDS = 60.0  # how often the FAISS file catches up during a long run
@@ -70,6 +74,7 @@ class IngestSummary(Tally):
     ignored: int = 0
     wall_seconds: float = 0.0
     index: SyncReport | None = None
+    prints: PrintSyncReport | None = None
     pruned: bool = True
 
     @property
@@ -89,6 +94,7 @@ class _Plan:
     touches: list[DiskFile] = field(default_factory=list)
     remove: list[str] = field(default_factory=list)
     unchanged: int = 0
+    disk: list[DiskFile] = field(default_factory=list)
 
 
 def ingest(
@@ -137,6 +143,7 @@ def _ingest_locked(collection: Collection, roots: list[Path], disk: list[DiskFil
     store = collection.store
     unlisted = [Path(u.path) for u in unreadable if u.folder]
     plan = plan_changes(store.files(), disk, roots, prune=prune, retry_failed=retry_failed, unlisted=unlisted)
+    _fingerprint_unprinted(plan, store.unprinted_paths())
     summary = IngestSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.remove), pruned=prune)
     summary.failed.extend((u.path, u.reason + ("; the files indexed from it are kept" if u.folder else ""))
                           for u in unreadable)
@@ -156,7 +163,18 @@ def _ingest_locked(collection: Collection, roots: list[Path], disk: list[DiskFil
     elif model:
         collection.bind_model(Model(model, device=device, precision=precision), hop_seconds=hop_seconds or SEGMENT_SECONDS)
     _, summary.index = collection.refresh_index()
+    summary.prints = collection.refresh_prints()
     return summary
+
+
+def _fingerprint_unprinted(plan: _Plan, unprinted: set[str]) -> None:
+    """Files indexed before fingerprints existed are embedded again, once, to get theirs."""
+    if not unprinted:
+        return
+    planned = {f.path for f in plan.embed} | {f.path for f in plan.touches}
+    again = [f for f in plan.disk if f.path in unprinted and f.path not in planned]
+    plan.embed.extend(again)
+    plan.unchanged -= len(again)
 
 
 def scan(roots: list[Path], unreadable: list[Unreadable] | None = None) -> tuple[list[DiskFile], int]:
@@ -250,7 +268,7 @@ def plan_changes(known: list[FileRow], disk: list[DiskFile], roots: list[Path], 
 
     Files under `unlisted` folders (which could not be read this time) are neither pruned nor moved.
     """
-    plan = _Plan()
+    plan = _Plan(disk=disk)
     by_path = {row.path: row for row in known}
     on_disk = {f.path for f in disk}
     vanished = [r for r in known if _under(r.path, roots) and not _under(r.path, unlisted) and r.path not in on_disk]
@@ -312,7 +330,7 @@ def _embed(collection: Collection, embedder: Embedder, files: list[DiskFile], su
     writer = _Writer(collection.dir, collection.device)
     writer.start()
     try:
-        for result in embedder.run(((f, f.path) for f in files), with_hash=True):
+        for result in embedder.run(((f, f.path) for f in files), with_hash=True, with_prints=True):
             writer.put(result)
             _count(summary, result, result.path in known)
             if progress:
@@ -378,9 +396,10 @@ class _Writer(threading.Thread):
             if batch:
                 with collection.store.transaction():
                     for result in batch:
-                        collection.store.write_file(_row(result.key, result), _segments(result))
+                        collection.store.write_file(_row(result.key, result), _segments(result), _prints(result))
             if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
                 index, _ = collection.refresh_index(index)
+                collection.refresh_prints()
                 last_checkpoint = time.monotonic()
 
     def _drain(self) -> tuple[list[FileEmbedding], bool]:
@@ -407,6 +426,12 @@ def _write_error(index_dir: Path, e: BaseException) -> BaseException:
                             "and the next run resumes from them")
     error.__cause__ = e
     return error
+
+
+def _prints(result: FileEmbedding) -> PrintRow | None:
+    if result.status != "ok" or result.prints is None:
+        return None
+    return PrintRow(PRINT_VERSION, (len(result.prints) - PRINT_HEADER_BYTES) // PRINT_BYTES, result.prints)
 
 
 def _segments(result: FileEmbedding) -> list[SegmentResult]:

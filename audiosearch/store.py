@@ -68,6 +68,22 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations()
+def m002_fingerprints(db: sqlite_utils.Database) -> None:
+    """One fingerprint (spectral peaks, see match.fingerprint) per file; ids never reused, like segments'."""
+    db.executescript(
+        """
+        CREATE TABLE fingerprints (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,  -- the id the print lookup index refers to
+            file_id INTEGER NOT NULL UNIQUE REFERENCES files(id),
+            version INTEGER NOT NULL,              -- match.fingerprint.VERSION that made it
+            peaks INTEGER NOT NULL,
+            data BLOB NOT NULL
+        );
+        """
+    )
+
+
 @dataclass(frozen=True)
 class FileRow:
     id: int
@@ -78,6 +94,15 @@ class FileRow:
     status: str
     error: str | None
     attempts: int
+
+
+@dataclass(frozen=True)
+class PrintRow:
+    """A file's fingerprint, serialised (match.fingerprint.Fingerprint.to_bytes)."""
+
+    version: int
+    peaks: int
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -184,12 +209,18 @@ class Store:
             sql, args = sql + " WHERE status = ?", (status,)
         return [FileRow(*row) for row in self.db.execute(sql + " ORDER BY path", args).fetchall()]
 
-    def write_file(self, row: dict, segments: list[SegmentResult]) -> None:
-        """Replace a file's segments and record its status (call inside a transaction)."""
+    def write_file(self, row: dict, segments: list[SegmentResult], prints: PrintRow | None = None) -> None:
+        """Replace a file's segments and fingerprint and record its status (call inside a transaction)."""
         file_id = self._upsert_file(row)
         self._delete_segments([file_id])
+        self.db.execute("DELETE FROM fingerprints WHERE file_id = ?", (file_id,))
         for seg in segments:
             self._insert_segment(file_id, seg)
+        if prints is not None:
+            self.db.execute(
+                "INSERT INTO fingerprints(file_id, version, peaks, data) VALUES (?, ?, ?, ?)",
+                (file_id, prints.version, prints.peaks, prints.data),
+            )
 
     def move_file(self, old_path: str, row: dict) -> None:
         """A file with the same content appeared elsewhere: keep its segments, drop what the new path held."""
@@ -205,6 +236,7 @@ class Store:
     def delete_files(self, paths: list[str]) -> None:
         ids = [r[0] for p in paths for r in self.db.execute("SELECT id FROM files WHERE path = ?", (p,))]
         self._delete_segments(ids)
+        self.db.conn.executemany("DELETE FROM fingerprints WHERE file_id = ?", [(i,) for i in ids])
         self.db.conn.executemany("DELETE FROM files WHERE id = ?", [(i,) for i in ids])
 
     def _upsert_file(self, row: dict) -> int:
@@ -321,6 +353,50 @@ class Store:
         files = dict(self.db.execute("SELECT status, COUNT(*) FROM files GROUP BY status").fetchall())
         seconds = self.db.execute("SELECT COALESCE(SUM(duration), 0) FROM files WHERE status = 'ok'").fetchone()[0]
         return {"files": files, "segments": self.count(), "hours": seconds / 3600}
+
+    # -- fingerprints, for the print lookup index -----------------------------
+    @property
+    def has_prints(self) -> bool:
+        """False for an index made before fingerprints, until an ingest upgrades it."""
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'fingerprints'").fetchone() is not None
+
+    def print_ids(self) -> np.ndarray:
+        """Ids of the fingerprints of searchable files, ascending."""
+        if not self.has_prints:
+            return np.zeros(0, dtype=np.int64)
+        rows = self.db.execute(
+            "SELECT fingerprints.id FROM fingerprints JOIN files ON files.id = file_id "
+            "WHERE status = 'ok' ORDER BY fingerprints.id"
+        ).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def iter_prints(self, ids: np.ndarray, batch_size: int = 512) -> Iterator[list[tuple[int, int, bytes]]]:
+        """(fingerprint id, version, data) for the given ids, in batches."""
+        for start in range(0, len(ids), batch_size):
+            yield self._select_by_ids("SELECT id, version, data FROM fingerprints", ids[start:start + batch_size])
+
+    def print_files(self, ids: Iterable[int]) -> dict[int, tuple[int, str, float | None]]:
+        """fingerprint id -> (file id, path, duration) for searchable files."""
+        rows = self._select_by_ids(
+            "SELECT fingerprints.id, file_id, path, duration FROM fingerprints JOIN files ON files.id = file_id "
+            "AND status = 'ok'", ids, column="fingerprints.id",
+        )
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+    def unprinted_paths(self) -> set[str]:
+        """Searchable files without a fingerprint (indexed before fingerprints existed)."""
+        rows = self.db.execute(
+            "SELECT path FROM files WHERE status = 'ok' AND id NOT IN (SELECT file_id FROM fingerprints)"
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def file_print_counts(self) -> tuple[int, int]:
+        """(searchable files, of which fingerprinted)."""
+        row = self.db.execute(
+            "SELECT COUNT(*), COUNT(fingerprints.id) FROM files LEFT JOIN fingerprints ON file_id = files.id "
+            "WHERE status = 'ok'"
+        ).fetchone()
+        return row[0], row[1]
 
     # -- consistency, for `audiosearch doctor` -------------------------------
     def integrity_errors(self) -> list[str]:

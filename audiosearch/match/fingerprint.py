@@ -1,0 +1,296 @@
+"""Spectral peaks and the triplet hashes built from them: what survives speed, tempo and pitch changes.
+
+A fingerprint is the set of strongest local maxima ("peaks") of a
+log-frequency spectrogram. Resampling, time-stretching and pitch-shifting
+move peaks in predictable ways: time scales by one factor, frequency (a
+shift on a log axis) by another. So peaks are hashed in threes, by what
+those edits leave unchanged: the ratio of their time gaps and their
+differences in log-frequency. Two coarse, edit-dependent terms (the span in
+time, the anchor's octave) are added to make keys rarer; a query probes the
+neighbouring cells of those, so a ±10 % change still lands (see `query_keys`).
+
+Ideas from Panako's triplets (tempo- and pitch-invariant hash of three event
+points) and Sonnleitner & Widmer's quads (scale-invariant coordinates);
+this is our own formulation, tuned on 16 kHz input.
+
+The peaks are the truth kept in SQLite (a few hundred bytes per minute);
+triplets and keys are derived from them when the lookup index is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import soxr
+import scipy.fft
+from scipy import ndimage
+
+ANALYSIS_RATE = 8000  # Hz: 0-4 kHz holds what survives telephone bands and low-bitrate codecs
+F_MIN, F_MAX = 250.0, 3600.0  # Hz, the band peaks are taken from
+BANDS_PER_OCTAVE = 24  # a band is a quarter tone
+N_BANDS = int(np.ceil(BANDS_PER_OCTAVE * np.log2(F_MAX / F_MIN)))
+SHORT_SECONDS = 2.0  # below this a signal is analysed on a finer time grid
+VERSION = 1  # bump when peaks or keys change: stored prints of another version are not matched
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """One spectrogram grid: FFT size and hop at ANALYSIS_RATE, and the peak neighbourhood."""
+
+    n_fft: int
+    hop: int
+    time_radius: int  # frames either side a peak must dominate
+    band_radius: int  # bands either side
+    peaks_per_second: float
+
+    @property
+    def frame_seconds(self) -> float:
+        return self.hop / ANALYSIS_RATE
+
+
+LONG = Resolution(n_fft=1024, hop=256, time_radius=4, band_radius=5, peaks_per_second=12.0)  # 32 ms frames
+SHORT = Resolution(n_fft=512, hop=64, time_radius=4, band_radius=4, peaks_per_second=40.0)  # 8 ms frames
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """A signal's peaks, in time order: seconds, log-frequency band (fractional), strength (dB)."""
+
+    times: np.ndarray  # float64 [n], seconds from the start
+    bands: np.ndarray  # float32 [n], 0 = F_MIN, BANDS_PER_OCTAVE per octave
+    strengths: np.ndarray  # float32 [n]
+    duration: float
+    short: bool  # analysed on the fine grid (signals under SHORT_SECONDS)
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def to_bytes(self) -> bytes:
+        """Compact storage: ms (uint32), band x 64 (uint16), strength x 4 (int16); 8 bytes a peak."""
+        rec = np.zeros(len(self), dtype=_RECORD)
+        rec["ms"] = np.round(self.times * 1000)
+        rec["band"] = np.round(self.bands * 64)
+        rec["strength"] = np.clip(np.round(self.strengths * 4), -32768, 32767)
+        header = np.array([self.duration, float(self.short)], dtype="<f8").tobytes()
+        return header + rec.tobytes()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> Fingerprint:
+        duration, short = np.frombuffer(blob[:16], dtype="<f8")
+        rec = np.frombuffer(blob[16:], dtype=_RECORD)
+        return cls(rec["ms"] / 1000.0, rec["band"].astype(np.float32) / 64, rec["strength"].astype(np.float32) / 4,
+                   float(duration), bool(short))
+
+
+_RECORD = np.dtype([("ms", "<u4"), ("band", "<u2"), ("strength", "<i2")])
+HEADER_BYTES, PEAK_BYTES = 16, _RECORD.itemsize
+
+
+def fingerprint(samples: np.ndarray, rate: int = 16000, *, density: float = 1.0) -> Fingerprint:
+    """The peaks of a mono signal (any rate; ingest passes the model's 16 kHz samples).
+
+    A query asks for a higher `density`: an edit (noise, reverb) adds peaks that can outrank
+    the ones the library kept, so the query keeps more to be sure to hold those.
+    """
+    x = np.asarray(samples, dtype=np.float32)
+    duration = len(x) / rate
+    y = soxr.resample(x, rate, ANALYSIS_RATE, quality="LQ") if rate != ANALYSIS_RATE else x
+    res = SHORT if duration < SHORT_SECONDS else LONG
+    spec = log_spectrogram(y, res)
+    t, b, s = pick_peaks(spec, res, density)
+    return Fingerprint(t * res.frame_seconds, b, s, duration, res is SHORT)
+
+
+def log_spectrogram(y: np.ndarray, res: Resolution) -> np.ndarray:
+    """dB power in N_BANDS log-spaced bands, [frames, bands]."""
+    if len(y) < res.n_fft:
+        y = np.pad(y, (0, res.n_fft - len(y)))
+    frames = np.lib.stride_tricks.sliding_window_view(y, res.n_fft)[:: res.hop]
+    spectrum = scipy.fft.rfft(frames * _window(res.n_fft), axis=1)
+    power = spectrum.real**2 + spectrum.imag**2
+    bands = power.astype(np.float32) @ _filterbank(res.n_fft)
+    return 10.0 * np.log10(bands + 1e-10)
+
+
+def pick_peaks(spec: np.ndarray, res: Resolution, density: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Local maxima that stand out from their surroundings, the strongest few per second.
+
+    Returns frame index, fractional band (parabolic interpolation) and strength in dB. A peak's
+    rank is its height above the local mean, so a gain change or a noise floor reorders little.
+    """
+    size = (2 * res.time_radius + 1, 2 * res.band_radius + 1)
+    local_max = ndimage.maximum_filter(spec, size=size, mode="nearest")
+    background = ndimage.uniform_filter(spec, size=(4 * res.time_radius + 1, 6 * res.band_radius + 1), mode="nearest")
+    floor = spec.max() - 70.0
+    is_peak = (spec == local_max) & (spec > floor) & (spec > background + 3.0)
+    is_peak[:, 0] = is_peak[:, -1] = False  # a band edge is no maximum
+    frames, bands = np.nonzero(is_peak)
+    if len(frames) == 0:
+        return np.zeros(0), np.zeros(0, np.float32), np.zeros(0, np.float32)
+    prominence = spec[frames, bands] - background[frames, bands]
+    keep = _densest(frames, prominence, res.peaks_per_second * density, res.frame_seconds)
+    frames, bands = frames[keep], bands[keep]
+    left, mid, right = spec[frames, bands - 1], spec[frames, bands], spec[frames, bands + 1]
+    denom = left - 2 * mid + right
+    delta = np.where(denom < 0, 0.5 * (left - right) / np.where(denom < 0, denom, -1), 0.0)
+    return frames.astype(np.float64), (bands + np.clip(delta, -0.5, 0.5)).astype(np.float32), mid.astype(np.float32)
+
+
+def _densest(frames: np.ndarray, prominence: np.ndarray, per_second: float, frame_seconds: float) -> np.ndarray:
+    """Indices of the most prominent peaks, at most `per_second` in each second, in time order."""
+    per_block = max(1, int(round(per_second)))
+    block = np.floor(frames * frame_seconds).astype(np.int64)
+    order = np.lexsort((-prominence, block))
+    sorted_blocks = block[order]
+    first = np.searchsorted(sorted_blocks, sorted_blocks, side="left")
+    rank = np.arange(len(order)) - first
+    chosen = order[rank < per_block]
+    return np.sort(chosen, kind="stable")
+
+
+_windows: dict[int, np.ndarray] = {}
+_banks: dict[int, np.ndarray] = {}
+
+
+def _window(n_fft: int) -> np.ndarray:
+    if n_fft not in _windows:
+        _windows[n_fft] = np.hanning(n_fft).astype(np.float32)
+    return _windows[n_fft]
+
+
+def _filterbank(n_fft: int) -> np.ndarray:
+    """[n_fft/2+1, N_BANDS] triangular weights on a log-frequency axis (at least one FFT bin wide)."""
+    if n_fft not in _banks:
+        freqs = np.fft.rfftfreq(n_fft, 1 / ANALYSIS_RATE)
+        centres = F_MIN * 2.0 ** (np.arange(N_BANDS) / BANDS_PER_OCTAVE)
+        bin_hz = ANALYSIS_RATE / n_fft
+        width = np.maximum(centres * (2 ** (1 / BANDS_PER_OCTAVE) - 1), bin_hz)
+        weights = np.clip(1 - np.abs(freqs[:, None] - centres[None, :]) / width[None, :], 0, None)
+        _banks[n_fft] = (weights / weights.sum(axis=0, keepdims=True)).astype(np.float32)
+    return _banks[n_fft]
+
+
+# -- triplets and their keys ---------------------------------------------------------------
+
+NEAR = 2  # middle peaks per anchor: the next ones in time order
+FAR = 3  # last peaks per anchor: the first ones MIN_SPAN or more later
+# A query is analysed denser and fanned out wider, so that it holds the library's triplets even
+# when an edit added peaks between them (the asymmetry of Sonnleitner & Widmer's quads).
+QUERY_DENSITY, QUERY_NEAR, QUERY_FAR = 2.0, 4, 6
+MIN_SPAN, MAX_SPAN = 0.06, 1.2  # seconds between a triplet's first and last peak
+MAX_BAND_GAP = 36  # a triplet spans at most 1.5 octaves
+RATIO_LEVELS = 8  # quantisation of (t2 - t1) / (t3 - t1)
+GAP_STEP = 2.0  # bands per key step of a frequency difference
+SPAN_STEP = 0.14  # log2 seconds per key step of the span (10 %)
+OCTAVE_STEP = 12  # bands per step of the anchor's coarse frequency (half an octave)
+
+
+@dataclass(frozen=True)
+class Triplets:
+    """Triplets of one fingerprint: anchor time, anchor band, span (seconds), and the invariant coordinates."""
+
+    t1: np.ndarray  # float64 seconds
+    b1: np.ndarray  # float32 band of the anchor
+    span: np.ndarray  # float64 t3 - t1, seconds
+    ratio: np.ndarray  # (t2 - t1) / (t3 - t1)
+    gap2: np.ndarray  # b2 - b1
+    gap3: np.ndarray  # b3 - b1
+
+    def __len__(self) -> int:
+        return len(self.t1)
+
+
+def triplets(fp: Fingerprint, near: int = NEAR, far: int = FAR) -> Triplets:
+    """Each anchor with its next NEAR peaks (in time order, ties by band) and its first FAR peaks at least
+    MIN_SPAN later; the middle peak comes before the last. Peaks at a note onset share a frame, so the
+    middle peak may share the anchor's time (ratio 0): harmonics' frequency ratios are stable too."""
+    t, b = fp.times, fp.bands
+    n = len(t)
+    if n < 3:
+        return _empty_triplets()
+    anchors = np.arange(n)
+    far_start = np.searchsorted(t, t + MIN_SPAN - 1e-9, side="left")
+    parts = []
+    for k_off in range(far):
+        k = far_start + k_off
+        for j_off in range(1, near + 1):
+            j = anchors + j_off
+            ok = (k < n) & (j < np.minimum(k, n))
+            parts.append((anchors[ok], j[ok], k[ok]))
+    i, j, k = (np.concatenate(c) for c in zip(*parts))
+    span = t[k] - t[i]
+    ok = ((span <= MAX_SPAN) & (np.abs(b[j] - b[i]) <= MAX_BAND_GAP) & (np.abs(b[k] - b[i]) <= MAX_BAND_GAP))
+    i, j, k, span = i[ok], j[ok], k[ok], span[ok]
+    order = np.argsort(t[i], kind="stable")
+    i, j, k, span = i[order], j[order], k[order], span[order]
+    return Triplets(t[i], b[i], span, (t[j] - t[i]) / span, b[j] - b[i], b[k] - b[i])
+
+
+def _empty_triplets() -> Triplets:
+    z = np.zeros(0)
+    return Triplets(z, z.astype(np.float32), z, z, z, z)
+
+
+# Key layout, low to high: ratio (3 bits) | gap2 (6) | gap3 (6) | span (5) | octave (3) | short (1)
+_FIELDS = (("ratio", RATIO_LEVELS), ("gap2", 64), ("gap3", 64), ("span", 32), ("octave", 8), ("short", 2))
+
+
+def _coordinates(tr: Triplets) -> dict[str, np.ndarray]:
+    """Each key field as a continuous value whose integer part is the stored level."""
+    return {
+        "ratio": tr.ratio * (RATIO_LEVELS - 1) + 0.5,  # 0 and 1 (shared frames) sit mid-cell
+        "gap2": tr.gap2 / GAP_STEP + 32,
+        "gap3": tr.gap3 / GAP_STEP + 32,
+        "span": (np.log2(tr.span) - np.log2(MIN_SPAN)) / SPAN_STEP,
+        "octave": tr.b1 / OCTAVE_STEP,
+    }
+
+
+def keys(tr: Triplets, short: bool) -> np.ndarray:
+    """The key each triplet is stored under (uint32)."""
+    coords = _coordinates(tr)
+    key = np.zeros(len(tr), dtype=np.int64)
+    shift = 0
+    for name, levels in _FIELDS:
+        value = np.full(len(tr), int(short)) if name == "short" else np.floor(coords[name]).astype(np.int64)
+        key |= np.clip(value, 0, levels - 1) << shift
+        shift += int(levels - 1).bit_length()
+    return key.astype(np.uint32)
+
+
+# How far from a cell's edge a query coordinate must be before the neighbouring cell is not probed.
+# The span and octave move with tempo and pitch edits, so both neighbours are always probed there.
+PROBE_MARGIN = {"ratio": 0.3, "gap2": 0.3, "gap3": 0.3, "span": 1.0, "octave": 1.0}
+
+
+def query_keys(tr: Triplets, short: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Keys to probe for each query triplet: its own cell and the neighbours it is close to.
+
+    Returns (keys, triplet index) with one row per probe.
+    """
+    coords = _coordinates(tr)
+    n = len(tr)
+    key = np.zeros((n, 1), dtype=np.int64)
+    valid = np.ones((n, 1), dtype=bool)
+    shift = 0
+    for name, levels in _FIELDS:
+        bits = int(levels - 1).bit_length()
+        if name == "short":
+            key |= int(short) << shift
+            continue
+        value = coords[name]
+        base = np.floor(value)
+        frac = value - base
+        margin = PROBE_MARGIN[name]
+        other = np.where(frac < 0.5, base - 1, base + 1)
+        near = np.minimum(frac, 1 - frac) < margin
+        choices = np.stack([base, other], axis=1).astype(np.int64)  # [n, 2]
+        choice_ok = np.stack([np.ones(n, bool), near & (other >= 0) & (other < levels)], axis=1)
+        choices = np.clip(choices, 0, levels - 1)
+        width = key.shape[1] * 2
+        key = (key[:, :, None] | (choices[:, None, :] << shift)).reshape(n, width)
+        valid = (valid[:, :, None] & choice_ok[:, None, :]).reshape(n, width)
+        shift += bits
+    rows = np.nonzero(valid)
+    return key[rows].astype(np.uint32), rows[0]

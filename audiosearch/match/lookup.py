@@ -1,0 +1,318 @@
+"""The print lookup index: every stored triplet key, sorted, pointing at (fingerprint, time, band, span).
+
+Derived from the fingerprints in SQLite, like `vectors.faiss` from the
+segments. It is a small log-structured store so that it scales to 10,000
+hours without rewriting gigabytes on every ingest:
+
+- *runs*: immutable files, each the sorted keys of some fingerprints plus
+  their payload columns (16 bytes an entry), memory-mapped when read;
+- a *manifest* (`prints.json`), replaced atomically, that names the live
+  runs, the fingerprint ids removed since (masked at lookup time), and the
+  store generation it reflects.
+
+A sync adds a run for the fingerprints SQLite has and the runs lack, masks
+the ones it no longer has, and merges all runs into one when there are too
+many or too much is masked. A reader whose manifest is stale does the same in
+memory, so a lookup always sees the last commit (see Collection).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import xxhash
+
+from .fingerprint import VERSION, Fingerprint, keys, triplets
+
+MANIFEST = "prints.json"
+RUN_GLOB = "prints-*.run"
+MAGIC = b"ASPRINT1"
+_HEADER = struct.Struct("<8sQQQ")  # magic, ids, entries, checksum of the body (xxh64)
+MAX_RUNS = 8  # more and a sync merges them: each lookup binary-searches every run
+MAX_MASKED = 0.25  # merge when this share of the covered fingerprints is gone
+MAX_BUCKET = 4096  # a key held by more entries than this says nothing (silence, hum): it is not probed
+
+ENTRY = np.dtype([("fp", "<u4"), ("ms", "<u4"), ("band", "<u2"), ("span", "<u2")])  # span in ms
+
+
+class PrintSource(Protocol):
+    """Where fingerprints come from (the SQLite store)."""
+
+    def print_ids(self) -> np.ndarray: ...
+
+    def iter_prints(self, ids: np.ndarray, batch_size: int = 512): ...
+
+
+class LookupCorrupt(Exception):
+    """A run or the manifest cannot be read; the lookup index is derived, so rebuild it from SQLite."""
+
+
+@dataclass
+class Run:
+    """One immutable sorted run: the fingerprint ids it covers, its keys and their entries."""
+
+    ids: np.ndarray  # int64, ascending
+    keys: np.ndarray  # uint32, ascending
+    entries: np.ndarray  # ENTRY, aligned with keys
+    name: str | None = None  # file name once saved
+
+    @property
+    def nbytes(self) -> int:
+        return self.ids.nbytes + self.keys.nbytes + self.entries.nbytes
+
+
+@dataclass
+class SyncReport:
+    added: int
+    removed: int
+    merged: bool
+
+
+@dataclass
+class PrintLookup:
+    """The runs plus the ids masked since they were written."""
+
+    runs: list[Run] = field(default_factory=list)
+    masked: set[int] = field(default_factory=set)
+    generation: int = -1
+
+    # -- contents ------------------------------------------------------------
+    def covered(self) -> np.ndarray:
+        ids = np.concatenate([r.ids for r in self.runs]) if self.runs else np.zeros(0, np.int64)
+        return np.setdiff1d(ids, np.fromiter(self.masked, np.int64, len(self.masked)))
+
+    @property
+    def entries(self) -> int:
+        return sum(len(r.keys) for r in self.runs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.runs)
+
+    def describe(self) -> dict:
+        return {"runs": len(self.runs), "entries": self.entries, "bytes": self.nbytes,
+                "fingerprints": int(len(self.covered())), "generation": self.generation}
+
+    # -- lookups -----------------------------------------------------------------
+    def lookup(self, probe_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Entries stored under each probe key: (probe index, entry) pairs, masked fingerprints left out."""
+        probe_keys = np.asarray(probe_keys, dtype=np.uint32)
+        found_probe, found_entries = [], []
+        for run in self.runs:
+            lo = np.searchsorted(run.keys, probe_keys, side="left")
+            hi = np.searchsorted(run.keys, probe_keys, side="right")
+            count = hi - lo
+            count[count > MAX_BUCKET] = 0
+            total = int(count.sum())
+            if total == 0:
+                continue
+            probe = np.repeat(np.arange(len(probe_keys)), count)
+            starts = np.repeat(lo - np.cumsum(count) + count, count)
+            positions = starts + np.arange(total)
+            found_probe.append(probe)
+            found_entries.append(np.asarray(run.entries[positions]))
+        if not found_probe:
+            return np.zeros(0, np.int64), np.zeros(0, ENTRY)
+        probe, entries = np.concatenate(found_probe), np.concatenate(found_entries)
+        if self.masked:
+            keep = ~np.isin(entries["fp"], np.fromiter(self.masked, np.int64, len(self.masked)))
+            probe, entries = probe[keep], entries[keep]
+        return probe, entries
+
+    # -- keeping up with SQLite --------------------------------------------------
+    def sync(self, source: PrintSource) -> SyncReport:
+        """Bring the runs up to the fingerprints `source` holds (call inside one snapshot of it)."""
+        live = source.print_ids()
+        covered = self.covered()
+        gone = np.setdiff1d(covered, live)
+        new = np.setdiff1d(live, covered)
+        self.masked.update(int(i) for i in gone)
+        if len(new):
+            self.runs.append(build_run(new, source))
+        merged = False
+        total = sum(len(r.ids) for r in self.runs)
+        if len(self.runs) > MAX_RUNS or (total and len(self.masked) > MAX_MASKED * total):
+            self.runs = [merge_runs(self.runs, self.masked)] if self.runs else []
+            self.masked = set()
+            merged = True
+        return SyncReport(added=int(len(new)), removed=int(len(gone)), merged=merged)
+
+
+def build_run(ids: np.ndarray, source: PrintSource) -> Run:
+    """A sorted run of the triplet keys of the given fingerprints."""
+    all_keys, all_entries, covered = [], [], []
+    for batch in source.iter_prints(ids):
+        for fp_id, version, data in batch:
+            covered.append(fp_id)
+            if version != VERSION:
+                continue  # made by another fingerprint version: re-ingest to match it
+            k, e = entries_of(fp_id, Fingerprint.from_bytes(data))
+            all_keys.append(k)
+            all_entries.append(e)
+    return _sorted_run(np.array(sorted(covered), dtype=np.int64), all_keys, all_entries)
+
+
+def entries_of(fp_id: int, fp: Fingerprint) -> tuple[np.ndarray, np.ndarray]:
+    """One fingerprint's keys and their entries."""
+    tr = triplets(fp)
+    e = np.zeros(len(tr), dtype=ENTRY)
+    e["fp"] = fp_id
+    e["ms"] = np.round(tr.t1 * 1000)
+    e["band"] = np.round(tr.b1 * 64)
+    e["span"] = np.round(tr.span * 1000)
+    return keys(tr, fp.short), e
+
+
+def _sorted_run(ids: np.ndarray, key_parts: list[np.ndarray], entry_parts: list[np.ndarray]) -> Run:
+    k = np.concatenate(key_parts) if key_parts else np.zeros(0, np.uint32)
+    e = np.concatenate(entry_parts) if entry_parts else np.zeros(0, ENTRY)
+    order = np.argsort(k, kind="stable")
+    return Run(ids, k[order], e[order])
+
+
+def merge_runs(runs: list[Run], masked: set[int]) -> Run:
+    """One run holding what `runs` hold, less the masked fingerprints (no SQLite read needed)."""
+    gone = np.fromiter(masked, np.int64, len(masked))
+    ids = np.setdiff1d(np.concatenate([r.ids for r in runs]), gone)
+    keys_, entries = [], []
+    for r in runs:
+        keep = ~np.isin(r.entries["fp"], gone) if len(gone) else slice(None)
+        keys_.append(np.asarray(r.keys[keep]))
+        entries.append(np.asarray(r.entries[keep]))
+    return _sorted_run(ids, keys_, entries)
+
+
+# -- files -------------------------------------------------------------------------
+
+
+def save(lookup: PrintLookup, directory: Path) -> None:
+    """Write new runs, then the manifest, each atomically; then delete runs no manifest names.
+
+    Call with the index's write lock held: nobody else writes here, so any run
+    not named by the new manifest is from an older state or a killed save.
+    """
+    for run in lookup.runs:
+        if run.name is None:
+            run.name = f"prints-{uuid.uuid4().hex}.run"
+            _write_atomic(directory / run.name, _run_bytes(run))
+    manifest = {"version": VERSION, "generation": lookup.generation, "runs": [r.name for r in lookup.runs],
+                "masked": sorted(lookup.masked)}
+    _write_atomic(directory / MANIFEST, json.dumps(manifest).encode())
+    named = {r.name for r in lookup.runs}
+    for path in directory.glob(RUN_GLOB):
+        if path.name not in named:
+            path.unlink(missing_ok=True)
+    for path in directory.glob(f".{MANIFEST}.*.tmp"):
+        path.unlink(missing_ok=True)
+    for path in directory.glob(".prints-*.run.*.tmp"):
+        path.unlink(missing_ok=True)
+
+
+def load(directory: Path, *, verify: bool = False) -> PrintLookup | None:
+    """The saved lookup index, None when there is none; LookupCorrupt when a file is damaged.
+
+    Runs are memory-mapped; `verify` also checks each run's checksum (doctor does).
+    """
+    path = directory / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_bytes())
+        names, masked, generation = manifest["runs"], manifest["masked"], int(manifest["generation"])
+        if manifest.get("version") != VERSION:
+            raise LookupCorrupt(f"{path} is from fingerprint version {manifest.get('version')}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise LookupCorrupt(f"{path} is unreadable ({e})") from e
+    runs = [_read_run(directory / name, verify) for name in names]
+    return PrintLookup(runs, {int(i) for i in masked}, generation)
+
+
+def _run_bytes(run: Run) -> list[bytes | memoryview]:
+    body = [run.ids.astype("<i8").tobytes(), run.keys.astype("<u4").tobytes(), run.entries.tobytes()]
+    digest = xxhash.xxh64()
+    for part in body:
+        digest.update(part)
+    return [_HEADER.pack(MAGIC, len(run.ids), len(run.keys), digest.intdigest()), *body]
+
+
+def _read_run(path: Path, verify: bool) -> Run:
+    try:
+        with open(path, "rb") as f:
+            magic, n_ids, n_entries, checksum = _HEADER.unpack(f.read(_HEADER.size))
+        size = path.stat().st_size
+    except (OSError, struct.error) as e:
+        raise LookupCorrupt(f"{path} is unreadable ({e})") from e
+    expected = _HEADER.size + 8 * n_ids + 4 * n_entries + ENTRY.itemsize * n_entries
+    if magic != MAGIC or size != expected:
+        raise LookupCorrupt(f"{path} is damaged (size {size}, expected {expected})")
+    if n_ids == 0:
+        return Run(np.zeros(0, np.int64), np.zeros(0, np.uint32), np.zeros(0, ENTRY), path.name)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    body = data[_HEADER.size:]
+    if verify and xxhash.xxh64(body).intdigest() != checksum:
+        raise LookupCorrupt(f"{path} is damaged (checksum mismatch)")
+    ids = body[: 8 * n_ids].view("<i8")
+    k = body[8 * n_ids: 8 * n_ids + 4 * n_entries].view("<u4")
+    e = body[8 * n_ids + 4 * n_entries:].view(ENTRY)
+    return Run(np.asarray(ids, dtype=np.int64), k, e, path.name)
+
+
+def _write_atomic(path: Path, parts) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for part in parts if isinstance(parts, list) else [parts]:
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# -- for benchmarks ----------------------------------------------------------------
+
+
+def synthetic_index(hours: float, directory: str | Path | None = None, *, seed: int = 0,
+                    triplets_per_second: float | None = None) -> PrintLookup:
+    """A lookup index of random keys the size of `hours` of audio (for lookup timing only).
+
+    Keys follow the measured density of real fingerprints (`triplets_per_second`)
+    but are uniform, so buckets are as full as real ones on average, not in the tail.
+    Saved under `directory` (and memory-mapped back) when one is given.
+    """
+    rate = triplets_per_second or SYNTHETIC_TRIPLETS_PER_SECOND
+    n = int(hours * 3600 * rate)
+    rng = np.random.default_rng(seed)
+    files = max(1, int(hours * 3600 / 30))  # 30 s files
+    k = np.sort(rng.integers(0, 1 << 24, n, dtype=np.uint32))
+    e = np.zeros(n, dtype=ENTRY)
+    e["fp"] = rng.integers(1, files + 1, n)
+    e["ms"] = rng.integers(0, 30_000, n)
+    e["band"] = rng.integers(0, 90 * 64, n)
+    e["span"] = rng.integers(60, 1200, n)
+    lookup = PrintLookup([Run(np.arange(1, files + 1, dtype=np.int64), k, e)], set(), 0)
+    if directory is not None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        save(lookup, Path(directory))
+        lookup = load(Path(directory))
+    return lookup
+
+
+SYNTHETIC_TRIPLETS_PER_SECOND = 60.0

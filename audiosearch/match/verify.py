@@ -1,0 +1,133 @@
+"""From key collisions to verified duplicates: one time offset, one time scale, one frequency scale.
+
+Each collision between a query triplet and a stored one says "query time q
+is library time r, at tempo ratio s and pitch ratio p". For a true copy the
+pairs (q, r) lie on one line r = offset + speed * q, and their frequency
+ratios agree. Collisions by chance do not. So, per candidate file:
+
+1. a Hough vote over (speed, offset): speed on a 0.5 % grid over the
+   supported range, offset in bins of two frames; each collision votes only
+   for speeds near its own span ratio;
+2. the winning line's inliers are refined by least squares, and kept only
+   if their frequency ratios agree with the median;
+3. the verdict: enough inliers, spread over enough of the query's seconds.
+
+The score is that spread: the share of the query's seconds (those holding
+any peak) in which an inlier starts. 1.0 means every second of the query
+was found in the library file at the reported place, speed and pitch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .fingerprint import BANDS_PER_OCTAVE, Triplets
+
+MIN_SPEED, MAX_SPEED = 0.85, 1.18  # time-scale factors searched (±10 % edits, with room)
+MAX_PITCH_STEP = 4.0  # semitones either way
+SPEED_STEP = 0.005
+SPAN_TOLERANCE = 0.12  # a collision's own span ratio may differ this much from the line's speed
+OFFSET_BIN = 0.064  # seconds
+INLIER_SECONDS = 0.08  # distance from the fitted line
+PITCH_TOLERANCE = 1.5  # bands from the median frequency shift
+CANDIDATES = 24  # files verified per query, by raw collisions
+
+MIN_INLIERS = 10
+MIN_SCORE = 0.2
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """A verified placement of the query in one stored fingerprint."""
+
+    fp_id: int
+    query_start: float
+    query_end: float
+    start: float
+    end: float
+    speed: float  # library seconds per query second: >1 means the query plays faster
+    pitch: float  # query frequency / library frequency
+    score: float  # share of the query's seconds that matched
+    inliers: int
+
+
+def align(query: Triplets, query_seconds: np.ndarray, probe_rows: np.ndarray, entries: np.ndarray,
+          *, min_inliers: int = MIN_INLIERS, min_score: float = MIN_SCORE) -> list[Alignment]:
+    """Verified alignments, best first, from collisions (`probe_rows[i]` is the query triplet of entry i).
+
+    `query_seconds` lists the seconds of the query that hold peaks (the score's denominator).
+    """
+    if len(entries) == 0:
+        return []
+    q_t = query.t1[probe_rows]
+    q_span = query.span[probe_rows]
+    q_b = query.b1[probe_rows]
+    r_t = entries["ms"] / 1000.0
+    r_span = entries["span"] / 1000.0
+    r_b = entries["band"] / 64.0
+    ratio = r_span / q_span
+    pitch_bands = q_b - r_b
+    ok = (ratio > MIN_SPEED * (1 - SPAN_TOLERANCE)) & (ratio < MAX_SPEED * (1 + SPAN_TOLERANCE))
+    ok &= np.abs(pitch_bands) <= MAX_PITCH_STEP * BANDS_PER_OCTAVE / 12
+    fp = entries["fp"].astype(np.int64)
+    fps, counts = np.unique(fp[ok], return_counts=True)
+    best = fps[np.argsort(-counts, kind="stable")][:CANDIDATES]
+    best = best[counts[np.argsort(-counts, kind="stable")][:CANDIDATES] >= min_inliers]
+    out = []
+    for fp_id in best:
+        sel = ok & (fp == fp_id)
+        a = _verify(int(fp_id), q_t[sel], r_t[sel], ratio[sel], pitch_bands[sel], q_span[sel], r_span[sel],
+                    query_seconds)
+        if a is not None and a.inliers >= min_inliers and a.score >= min_score:
+            out.append(a)
+    out.sort(key=lambda a: (-a.score, -a.inliers, a.fp_id))
+    return out
+
+
+_SPEEDS = np.arange(MIN_SPEED, MAX_SPEED + SPEED_STEP / 2, SPEED_STEP)
+
+
+def _verify(fp_id, q_t, r_t, ratio, pitch_bands, q_span, r_span, query_seconds) -> Alignment | None:
+    # 1. Hough vote: offset = r - s q for every speed s near the collision's own ratio.
+    offsets = r_t[:, None] - _SPEEDS[None, :] * q_t[:, None]  # [m, speeds]
+    near = np.abs(ratio[:, None] / _SPEEDS[None, :] - 1) < SPAN_TOLERANCE
+    bins = np.floor(offsets / OFFSET_BIN).astype(np.int64)
+    lo = bins.min()
+    cells = (bins - lo) * len(_SPEEDS) + np.arange(len(_SPEEDS))[None, :]
+    votes = np.bincount(cells[near], minlength=0)
+    if votes.size == 0:
+        return None
+    # neighbouring offset bins share a line that straddles a bin edge
+    width = len(_SPEEDS)
+    padded = np.concatenate([votes, np.zeros(width, votes.dtype)])
+    smoothed = padded[:-width] + padded[width:]
+    cell = int(np.argmax(smoothed))
+    speed = _SPEEDS[cell % width]
+    offset = (cell // width + lo + 1) * OFFSET_BIN
+    # 2. refine: least squares on the inliers, twice; then the frequency ratio must agree.
+    inl = np.abs(r_t - (offset + speed * q_t)) < 2 * OFFSET_BIN
+    for _ in range(2):
+        if inl.sum() < 3:
+            return None
+        pitch_ref = np.median(pitch_bands[inl])
+        inl &= np.abs(pitch_bands - pitch_ref) <= PITCH_TOLERANCE
+        if inl.sum() < 3 or np.ptp(q_t[inl]) < 0.05:
+            speed_fit, offset_fit = speed, offset
+        else:
+            speed_fit, offset_fit = np.polyfit(q_t[inl], r_t[inl], 1)
+        if not MIN_SPEED <= speed_fit <= MAX_SPEED:
+            speed_fit, offset_fit = speed, offset
+        speed, offset = speed_fit, offset_fit
+        inl = (np.abs(r_t - (offset + speed * q_t)) < INLIER_SECONDS) & (np.abs(pitch_bands - pitch_ref) <= PITCH_TOLERANCE)
+    n = int(inl.sum())
+    if n < 3:
+        return None
+    pitch = 2.0 ** (np.median(pitch_bands[inl]) / BANDS_PER_OCTAVE)
+    q_start = float(q_t[inl].min())
+    q_end = float((q_t[inl] + q_span[inl]).max())
+    seconds = np.unique(np.floor(q_t[inl]).astype(np.int64))
+    score = len(np.intersect1d(seconds, query_seconds)) / max(1, len(query_seconds))
+    return Alignment(fp_id, q_start, q_end, float(offset + speed * q_start), float(offset + speed * q_end),
+                     float(speed), float(pitch), float(score), n)
