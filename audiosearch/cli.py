@@ -106,6 +106,12 @@ def query(
     label: Annotated[Optional[list[str]], typer.Option("--label", help="Keep items with this label (repeatable).")] = None,
     no_filter: Annotated[bool, typer.Option("--no-filter", help="Do not filter by label.")] = False,
     segments: Annotated[bool, typer.Option("--segments", help="List segment hits, not one row per file.")] = False,
+    duplicates_only: Annotated[bool, typer.Option("--duplicates-only", help="Only verified duplicates (same "
+                                                  "recording, possibly edited), no similar items.")] = False,
+    similar_only: Annotated[bool, typer.Option("--similar-only", help="Only similar items from the embeddings; "
+                                               "skip the fingerprint match.")] = False,
+    min_match: Annotated[float, typer.Option("--min-match", min=0.0, help="Seconds of the clip a duplicate must "
+                                             "cover.")] = 0.0,
     explain: Annotated[bool, typer.Option("--explain", help="Show the search plan and timings.")] = False,
     index: IndexOpt = DEFAULT_INDEX,
     model: ModelOpt = None,
@@ -115,6 +121,11 @@ def query(
 ) -> None:
     """Find the library items that sound most like CLIP.
 
+    Verified duplicates (the same recording, even re-encoded, cut, noisy, sped up or
+    pitch-shifted) come first, with where they match; then similar items from the
+    embeddings, filtered by the clip's top label (or --label). The filter never hides
+    a duplicate.
+
     \b
     Example:
         audiosearch query door_slam.wav -k 5 --label "Door"
@@ -122,9 +133,12 @@ def query(
     from .query import query as run_query
     from .render import print_explain, print_hits
 
+    if duplicates_only and similar_only:
+        raise AudiosearchError("--duplicates-only and --similar-only exclude each other; give one of them")
+    kinds = "duplicates" if duplicates_only else "similar" if similar_only else "all"
     result = run_query(
         clip, index_dir=index, k=k, labels=label, filter=not no_filter, per_file=not segments,
-        model=model, device=device, precision=precision,
+        model=model, device=device, precision=precision, kinds=kinds, min_match_seconds=min_match,
     )
     if as_json:
         print(json.dumps([hit.to_dict() for hit in result.hits], ensure_ascii=False))

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import decode
+from .audio import Audio, decode
 from .collection import Collection
-from .embedder import Embedder, SegmentEmbedding
-from .errors import AudioDecodeError, UnknownLabel
+from .embedder import Embedder
+from .errors import AudioDecodeError, AudiosearchError, UnknownLabel
+from .match.matcher import Match, Matcher
 from .model import DEFAULT_MODEL, Model
 from .search import Plan, search
 from .store import TOP_LABELS
@@ -25,7 +26,11 @@ from .store import TOP_LABELS
 
 @dataclass
 class Hit:
-    """One result: a file and its best-matching segment."""
+    """One result: a file and its best-matching segment, or, for a verified duplicate, the matched range.
+
+    `match` is the verified match (a `match.Match`: ranges, speed, pitch, score) when the
+    clip is the same recording as (part of) this file; None when it only sounds alike.
+    """
 
     rank: int
     similarity: float
@@ -34,13 +39,20 @@ class Hit:
     end: float
     labels: list[tuple[str, float]]
     segment_id: int
+    file_id: int = 0
+    match: Match | None = None
+
+    @property
+    def kind(self) -> str:
+        return "duplicate" if self.match is not None else "similar"
 
     def to_dict(self) -> dict:
         return {
             "rank": self.rank, "similarity": round(self.similarity, 6), "path": self.path,
             "start": round(self.start, 3), "end": round(self.end, 3),
             "labels": [{"label": name, "score": round(score, 4)} for name, score in self.labels],
-            "segment_id": self.segment_id,
+            "segment_id": self.segment_id, "file_id": self.file_id,
+            "match": self.match.to_dict() if self.match is not None else {"kind": "similar"},
         }
 
 
@@ -50,6 +62,7 @@ class QueryResult:
     query_labels: list[tuple[str, float]]  # the clip's own top predictions
     filter_labels: list[str]  # empty when unfiltered
     matching: int | None  # segments carrying a filter label
+    duplicates: int = 0  # leading hits that are verified duplicates
     plans: list[Plan] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -65,8 +78,18 @@ def query(
     model: str | None = None,
     device: str = "auto",
     precision: str = "auto",
+    kinds: str = "all",
+    min_match_seconds: float = 0.0,
 ) -> QueryResult:
-    """The k library items nearest to `clip`, filtered by label (see module doc)."""
+    """The k library items nearest to `clip`: verified duplicates first, then similar items filtered by label.
+
+    The label filter applies to similar items only: an edit can change what the model predicts,
+    and a verified duplicate is the same recording whatever its label. `kinds` is "all",
+    "duplicates" (only verified duplicates) or "similar" (only the embedding search);
+    `min_match_seconds` drops duplicates matching less of the clip than that.
+    """
+    if kinds not in KINDS:
+        raise AudiosearchError(f"unknown kind of result {kinds!r}; use one of {', '.join(KINDS)}")
     watch = _Stopwatch()
     if not Path(clip).is_file():
         raise AudioDecodeError(f"no such file: {clip}")
@@ -75,7 +98,13 @@ def query(
         net = Model(model or collection.model_name or DEFAULT_MODEL, device=device, precision=precision)
         collection.check_model(net)
         watch.lap("load model")
-        segments = _embed_clip(clip, net)
+        audio = _decode_clip(clip)
+        duplicates: list[Match] = []
+        if kinds != "similar":
+            matcher = Matcher(collection, collection.load_prints())
+            duplicates = matcher.match_samples(audio.samples, min_seconds=min_match_seconds, limit=k)
+            watch.lap("match fingerprints")
+        segments = Embedder(net, workers=0, batch_size=8).embed_audio(audio)
         watch.lap("embed")
         scores = np.max([s.scores for s in segments], axis=0)
         names = _filter_names(net, scores, labels, filter)
@@ -83,9 +112,12 @@ def query(
         watch.lap("load index")
         label_filter = collection.store.label_filter(_label_ids(net, names)) if names else None
         result = QueryResult([], _top(net, scores), names, label_filter.count() if label_filter else None)
-        if result.matching != 0:
-            vectors = np.stack([s.embedding for s in segments])
-            result.hits, result.plans = _search(collection, index, vectors, k, label_filter, per_file)
+        vectors = np.stack([s.embedding for s in segments])
+        similar: list[Hit] = []
+        if kinds != "duplicates" and result.matching != 0 and len(duplicates) < k:
+            similar, result.plans = _search(collection, index, vectors, k + len(duplicates), label_filter, per_file)
+        result.hits = _merge(collection, duplicates, similar, vectors, k)
+        result.duplicates = len(duplicates)
         watch.lap("search")
         result.timings = watch.laps
         return result
@@ -93,7 +125,10 @@ def query(
         collection.close()
 
 
-def _embed_clip(clip: str | Path, net: Model) -> list[SegmentEmbedding]:
+KINDS = ("all", "duplicates", "similar")
+
+
+def _decode_clip(clip: str | Path) -> Audio:
     path = Path(clip)
     try:
         audio = decode(path)
@@ -101,7 +136,33 @@ def _embed_clip(clip: str | Path, net: Model) -> list[SegmentEmbedding]:
         raise AudioDecodeError(f"{path} is {e}") from e
     if len(audio.samples) == 0:
         raise AudioDecodeError(f"{path} holds no audio samples")
-    return Embedder(net, workers=0, batch_size=8).embed_audio(audio)
+    return audio
+
+
+def _merge(collection: Collection, duplicates: list[Match], similar: list[Hit], vectors: np.ndarray,
+           k: int) -> list[Hit]:
+    """Duplicates first (best match first), then similar hits of other files, renumbered, k in all."""
+    hits = [_duplicate_hit(collection, m, vectors) for m in duplicates[:k]]
+    seen = {m.file_id for m in duplicates}
+    for hit in similar:
+        if len(hits) == k:
+            break
+        if hit.file_id not in seen:
+            hits.append(hit)
+    for rank, hit in enumerate(hits, start=1):
+        hit.rank = rank
+    return hits
+
+
+def _duplicate_hit(collection: Collection, m: Match, vectors: np.ndarray) -> Hit:
+    """A duplicate as a hit: the matched range, with the embedding similarity of its closest segment."""
+    ids, _, stored = collection.store.file_segments(m.file_id)
+    if len(ids) == 0:
+        return Hit(0, 0.0, m.path, m.start, m.end, [], -1, m.file_id, m)
+    sims = vectors @ stored.T
+    best = int(np.argmax(sims.max(axis=0)))
+    labels = collection.store.segment_labels([int(ids[best])]).get(int(ids[best]), [])
+    return Hit(0, float(sims.max()), m.path, m.start, m.end, labels, int(ids[best]), m.file_id, m)
 
 
 def _filter_names(net: Model, scores: np.ndarray, labels: list[str] | None, filter: bool) -> list[str]:
@@ -167,7 +228,7 @@ def _hits(collection, best: dict[int, float], k: int, per_file: bool) -> list[Hi
             break
     labels = collection.store.segment_labels(chosen)
     return [
-        Hit(rank, best[i], info[i][1], info[i][2], info[i][3], labels.get(i, []), i)
+        Hit(rank, best[i], info[i][1], info[i][2], info[i][3], labels.get(i, []), i, info[i][0])
         for rank, i in enumerate(chosen, start=1)
     ]
 

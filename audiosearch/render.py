@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict
 
@@ -120,12 +121,32 @@ def print_hits(console: Console, result: QueryResult) -> None:
     table = Table("rank", "similarity")
     table.add_column("path", overflow="fold")
     table.add_column("segment", no_wrap=True)
+    table.add_column("match", no_wrap=True)
     table.add_column("labels")
     for hit in result.hits:
         labels = ", ".join(f"{name} ({score:.2f})" for name, score in hit.labels[:3])
         table.add_row(str(hit.rank), f"{hit.similarity:.4f}", escape(shown_path(hit.path)), f"{hit.start:.2f}-{hit.end:.2f} s",
-                      labels)
+                      match_text(hit.match), labels)
     console.print(table)
+
+
+def match_text(match) -> str:
+    """"duplicate 0:03.2–0:09.2 ×1.05" (the library range, speed; pitch when it differs), or "similar"."""
+    if match is None:
+        return "similar"
+    text = f"duplicate {clock(match.start)}–{clock(match.end)}"
+    if abs(match.speed - 1) >= 0.005:
+        text += f" ×{match.speed:.2f}"
+    if abs(match.pitch - 1) >= 0.005:
+        text += f" pitch {12 * math.log2(match.pitch):+.1f} st"
+    return text
+
+
+def clock(seconds: float) -> str:
+    """m:ss.s, or h:mm:ss.s past an hour."""
+    minutes, secs = divmod(max(0.0, seconds), 60)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}:{minutes:02d}:{secs:04.1f}" if hours else f"{minutes}:{secs:04.1f}"
 
 
 def print_explain(console: Console, result: QueryResult) -> None:

@@ -323,6 +323,15 @@ class Store:
         )
         return {r[0]: tuple(r[1:]) for r in rows}
 
+    def file_segments(self, file_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A file's segments: ids, [start, end] rows and vectors, in time order."""
+        rows = self.db.execute(
+            'SELECT id, start, "end", vector FROM segments WHERE file_id = ? ORDER BY start', (file_id,)
+        ).fetchall()
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        ranges = np.array([(r[1], r[2]) for r in rows], dtype=np.float64).reshape(-1, 2)
+        return ids, ranges, self._stack([r[3] for r in rows])
+
     def segment_labels(self, ids: Iterable[int]) -> dict[int, list[tuple[str, float]]]:
         """id -> [(label, score)] best first: the labels a segment is filtered by."""
         payload = json.dumps([int(i) for i in ids])
