@@ -271,6 +271,7 @@ def collection_info(index_dir: str | Path, *, errors: bool = False) -> dict:
             "hop_seconds": float(meta.get("hop_seconds", SEGMENT_SECONDS)),
             "vector_index": index.describe() if index else None,
             "index_current": index is not None and index.generation == store.generation,
+            "fingerprints": _prints_info(collection),
             "size_bytes": sum(p.stat().st_size for p in collection.dir.iterdir() if p.is_file()),
         }
         if errors:
@@ -280,6 +281,13 @@ def collection_info(index_dir: str | Path, *, errors: bool = False) -> dict:
         return info
     finally:
         collection.close()
+
+
+def _prints_info(collection: Collection) -> dict:
+    total, printed = collection.store.file_print_counts() if collection.store.has_prints else (0, 0)
+    lookup = collection._read_prints()
+    return {"files": printed, "of": total, "lookup": lookup.describe() if lookup else None,
+            "lookup_current": lookup is not None and lookup.generation == collection.store.generation}
 
 
 def label_counts(index_dir: str | Path) -> list[tuple[str, int]]:

@@ -18,14 +18,17 @@ import numpy as np
 
 from .collection import Collection
 from .index import IndexCorrupt, VectorIndex
+from .match import lookup as print_lookup
+from .match.lookup import LookupCorrupt
 from .ingest import disk_stat, same_content
 from .store import DB_NAME, Store
 
 EXAMPLES = 5  # paths or ids shown per finding
 VECTOR_BATCH = 4096
-SQLITE_FINDINGS = ("orphan-segments", "unsearchable-segments", "malformed-segments", "orphan-label-rows",
+SQLITE_FINDINGS = ("orphan-prints", "orphan-segments", "unsearchable-segments", "malformed-segments", "orphan-label-rows",
                    "label-counts", "empty-files")
 INDEX_FINDINGS = ("index-file", "index-missing", "index-extra", "index-vectors", "index-generation")
+PRINT_FINDINGS = ("prints-file", "prints-missing", "prints-extra")
 
 
 @dataclass
@@ -99,7 +102,8 @@ def _check(collection: Collection) -> list[Finding]:
         return [Finding("integrity", message, len(damage), damage[:EXAMPLES], repairable=False)]
     findings = _sqlite_findings(store)
     malformed = any(f.check == "malformed-segments" for f in findings)
-    return findings + _index_findings(collection, compare_vectors=not malformed) + _disk_findings(store)
+    return (findings + _index_findings(collection, compare_vectors=not malformed) + _print_findings(collection)
+            + _disk_findings(store))
 
 
 def _unreadable(e: sqlite3.DatabaseError) -> Finding:
@@ -162,6 +166,35 @@ def _index_findings(collection: Collection, *, compare_vectors: bool) -> list[Fi
     return found
 
 
+def _print_findings(collection: Collection) -> list[Finding]:
+    """The print lookup files against the fingerprints in SQLite (the lookup is derived from them)."""
+    store = collection.store
+    if not store.has_prints:
+        return [Finding("prints-unavailable", "this index was made before fingerprints; the next 'audiosearch "
+                        "ingest' fingerprints its files, until then queries find no verified duplicates",
+                        problem=False)]
+    found: list[Finding] = []
+    if orphans := store.orphan_prints():
+        found += _ids_finding("orphan-prints", orphans, "fingerprints belong to no file")
+    total, printed = store.file_print_counts()
+    if printed < total:
+        found.append(Finding("unprinted-files", f"{total - printed} files have no fingerprint yet (the next "
+                             "'audiosearch ingest' on their folders adds them)", total - printed, problem=False))
+    hint = "the next query or ingest rebuilds it from SQLite; --repair does it now"
+    try:
+        lookup = print_lookup.load(collection.dir, verify=True)
+    except LookupCorrupt as e:
+        return found + [Finding("prints-file", f"the print lookup is damaged: {e} ({hint})")]
+    if lookup is None:
+        return found + [Finding("prints-file", f"the print lookup ({print_lookup.MANIFEST}) is missing ({hint})")]
+    have, want = lookup.covered(), store.print_ids()
+    found += _ids_finding("prints-missing", list(np.setdiff1d(want, have)),
+                          f"fingerprints in SQLite are missing from the print lookup ({hint})")
+    found += _ids_finding("prints-extra", list(np.setdiff1d(have, want)),
+                          f"fingerprints in the print lookup are gone from SQLite ({hint})")
+    return found
+
+
 def _differing_vectors(index: VectorIndex, store: Store, common: np.ndarray) -> list[int]:
     tolerance = 1e-3 if index.compressed else 1e-6  # fp16 codes round each component by up to ~5e-4
     differ: list[int] = []
@@ -209,6 +242,9 @@ def _repair(collection: Collection, findings: list[Finding]) -> list[str]:
     if done or checks.keys() & set(INDEX_FINDINGS):
         index = collection.rebuild_index()
         done.append(f"rebuilt the FAISS index file from SQLite ({index.ntotal} vectors)")
+    if done or checks.keys() & set(PRINT_FINDINGS):
+        lookup = collection.rebuild_prints()
+        done.append(f"rebuilt the print lookup from SQLite ({len(lookup.covered())} fingerprints)")
     elif "temp-files" in checks:
         for stale in collection.stale_temp_files():
             stale.unlink(missing_ok=True)
@@ -233,6 +269,9 @@ def _repair_sqlite(store: Store, checks: dict[str, Finding]) -> list[str]:
         if n := store.orphan_label_rows():
             store.delete_orphan_label_rows()
             done.append(f"deleted {n} label rows that pointed at nothing")
+        if ids := store.orphan_prints():
+            store.delete_prints(ids)
+            done.append(f"deleted {len(ids)} fingerprints that belonged to no file")
         if empty := store.empty_files():
             store.delete_files(empty)
             done.append(f"forgot {len(empty)} files that had no segments")

@@ -170,6 +170,11 @@ def print_info(console: Console, data: dict) -> None:
     vi = data["vector_index"]
     table.add_row("vector index", ", ".join(f"{k}={v}" for k, v in vi.items()) if vi else "not built yet")
     table.add_row("index current", "yes" if data["index_current"] else "no (rebuilt from SQLite on next use)")
+    fp = data["fingerprints"]
+    lookup = fp["lookup"]
+    table.add_row("fingerprints", f"{fp['files']} of {fp['of']} files"
+                  + (f", lookup {lookup['entries']} keys in {lookup['runs']} runs ({lookup['bytes'] / 1e6:.1f} MB)"
+                     if lookup else ", lookup not built yet"))
     table.add_row("size on disk", f"{data['size_bytes'] / 1e6:.1f} MB")
     console.print(table)
     for e in data.get("errors", []):
@@ -180,7 +185,7 @@ def print_doctor(console: Console, report: DoctorReport) -> None:
     console.print(f"index {report.index}: {report.files} files, {report.segments} segments", highlight=False)
     if not report.findings:
         console.print("[green]all checks passed[/]: SQLite integrity, orphan rows, label counts, "
-                      "FAISS ids and vectors, files on disk")
+                      "FAISS ids and vectors, print lookup, files on disk")
     _print_findings(console, report.findings)
     if report.repairs:
         console.print("repairs:")

@@ -392,6 +392,14 @@ class Store:
         )
         return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
+    def orphan_prints(self) -> list[int]:
+        """Fingerprints whose file row is gone."""
+        return self._ids("SELECT id FROM fingerprints WHERE file_id NOT IN (SELECT id FROM files) ORDER BY id")
+
+    def delete_prints(self, ids: list[int]) -> None:
+        self.db.execute("DELETE FROM fingerprints WHERE id IN (SELECT value FROM json_each(?))",
+                        (json.dumps([int(i) for i in ids]),))
+
     def unprinted_paths(self) -> set[str]:
         """Searchable files without a fingerprint (indexed before fingerprints existed)."""
         rows = self.db.execute(
