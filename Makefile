@@ -1,9 +1,16 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test demo bench bench-search clean
+.PHONY: setup system-deps test demo bench bench-search clean
 
-setup: $(VENV)/.installed
+setup: system-deps $(VENV)/.installed
+
+# sox makes the real edits (speed, tempo, pitch, reverb) that the matching tests query with.
+system-deps:
+	@command -v sox >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && apt-get install -y -qq sox libsox-fmt-all >/dev/null; \
+	  else echo "note: install sox (e.g. 'apt install sox libsox-fmt-all') to run the matching tests"; fi; }
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)

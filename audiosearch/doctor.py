@@ -187,10 +187,10 @@ def _print_findings(collection: Collection) -> list[Finding]:
         return found + [Finding("prints-file", f"the print lookup is damaged: {e} ({hint})")]
     if lookup is None:
         return found + [Finding("prints-file", f"the print lookup ({print_lookup.MANIFEST}) is missing ({hint})")]
-    have, want = lookup.covered(), store.print_ids()
-    found += _ids_finding("prints-missing", list(np.setdiff1d(want, have)),
+    have = lookup.covered()
+    found += _ids_finding("prints-missing", list(np.setdiff1d(store.print_ids(), have)),
                           f"fingerprints in SQLite are missing from the print lookup ({hint})")
-    found += _ids_finding("prints-extra", list(np.setdiff1d(have, want)),
+    found += _ids_finding("prints-extra", list(np.setdiff1d(have, store.all_print_ids())),
                           f"fingerprints in the print lookup are gone from SQLite ({hint})")
     return found
 
@@ -242,9 +242,11 @@ def _repair(collection: Collection, findings: list[Finding]) -> list[str]:
     if done or checks.keys() & set(INDEX_FINDINGS):
         index = collection.rebuild_index()
         done.append(f"rebuilt the FAISS index file from SQLite ({index.ntotal} vectors)")
-    if done or checks.keys() & set(PRINT_FINDINGS):
+    if checks.keys() & set(PRINT_FINDINGS):
         lookup = collection.rebuild_prints()
         done.append(f"rebuilt the print lookup from SQLite ({len(lookup.covered())} fingerprints)")
+    elif done:
+        collection.refresh_prints()  # the SQLite repairs may have dropped fingerprints: the lookup follows
     elif "temp-files" in checks:
         for stale in collection.stale_temp_files():
             stale.unlink(missing_ok=True)

@@ -155,14 +155,15 @@ def _merge(collection: Collection, duplicates: list[Match], similar: list[Hit], 
 
 
 def _duplicate_hit(collection: Collection, m: Match, vectors: np.ndarray) -> Hit:
-    """A duplicate as a hit: the matched range, with the embedding similarity of its closest segment."""
-    ids, _, stored = collection.store.file_segments(m.file_id)
+    """A duplicate as a hit: its closest segment by embedding, as for similar hits; the match says where it matched."""
+    ids, ranges, stored = collection.store.file_segments(m.file_id)
     if len(ids) == 0:
         return Hit(0, 0.0, m.path, m.start, m.end, [], -1, m.file_id, m)
     sims = vectors @ stored.T
     best = int(np.argmax(sims.max(axis=0)))
     labels = collection.store.segment_labels([int(ids[best])]).get(int(ids[best]), [])
-    return Hit(0, float(sims.max()), m.path, m.start, m.end, labels, int(ids[best]), m.file_id, m)
+    start, end = ranges[best]
+    return Hit(0, float(sims.max()), m.path, float(start), float(end), labels, int(ids[best]), m.file_id, m)
 
 
 def _filter_names(net: Model, scores: np.ndarray, labels: list[str] | None, filter: bool) -> list[str]:

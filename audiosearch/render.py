@@ -119,21 +119,22 @@ def print_hits(console: Console, result: QueryResult) -> None:
             console.print("No results.")
         return
     table = Table("rank", "similarity")
-    table.add_column("path", overflow="fold")
-    table.add_column("segment", no_wrap=True)
-    table.add_column("match", no_wrap=True)
+    paths = [escape(shown_path(hit.path)) for hit in result.hits]
+    table.add_column("path", overflow="fold", min_width=min(40, max(len(p) for p in paths)))
+    table.add_column("match")
     table.add_column("labels")
     for hit in result.hits:
         labels = ", ".join(f"{name} ({score:.2f})" for name, score in hit.labels[:3])
-        table.add_row(str(hit.rank), f"{hit.similarity:.4f}", escape(shown_path(hit.path)), f"{hit.start:.2f}-{hit.end:.2f} s",
-                      match_text(hit.match), labels)
+        table.add_row(str(hit.rank), f"{hit.similarity:.4f}", paths[hit.rank - 1], match_text(hit), labels)
     console.print(table)
 
 
-def match_text(match) -> str:
-    """"duplicate 0:03.2–0:09.2 ×1.05" (the library range, speed; pitch when it differs), or "similar"."""
+def match_text(hit) -> str:
+    """"duplicate 0:03.2–0:09.2 ×1.05" (the matched library range, speed; pitch when it differs),
+    or "similar 0:10.2–0:20.5" (the closest segment)."""
+    match = hit.match
     if match is None:
-        return "similar"
+        return f"similar {clock(hit.start)}–{clock(hit.end)}"
     text = f"duplicate {clock(match.start)}–{clock(match.end)}"
     if abs(match.speed - 1) >= 0.005:
         text += f" ×{match.speed:.2f}"

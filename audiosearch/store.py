@@ -400,6 +400,10 @@ class Store:
         self.db.execute("DELETE FROM fingerprints WHERE id IN (SELECT value FROM json_each(?))",
                         (json.dumps([int(i) for i in ids]),))
 
+    def all_print_ids(self) -> np.ndarray:
+        """Ids of every stored fingerprint, whatever its file's status."""
+        return np.array(self._ids("SELECT id FROM fingerprints ORDER BY id"), dtype=np.int64)
+
     def unprinted_paths(self) -> set[str]:
         """Searchable files without a fingerprint (indexed before fingerprints existed)."""
         rows = self.db.execute(

@@ -67,3 +67,32 @@ def chirp(f0: float, f1: float, seconds: float, rate: int = SAMPLE_RATE, amp: fl
     t = np.arange(int(seconds * rate)) / rate
     phase = 2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * seconds))
     return (amp * np.sin(phase)).astype(np.float32)
+
+
+def melody(seconds: float, seed: int = 0, rate: int = SAMPLE_RATE, amp: float = 0.3) -> np.ndarray:
+    """Plucked notes with harmonics at random pitches and lengths: music-like peaks for fingerprints."""
+    rng = np.random.default_rng(seed)
+    out, n = np.zeros(int(seconds * rate), np.float32), 0
+    while n < len(out):
+        length = int(rng.uniform(0.15, 0.6) * rate)
+        f0 = 196.0 * 2 ** (rng.integers(0, 24) / 12)
+        t = np.arange(min(length, len(out) - n)) / rate
+        note = sum(np.sin(2 * np.pi * f0 * h * t) / h for h in range(1, 5)) * np.exp(-t * rng.uniform(3, 8))
+        out[n : n + len(t)] += note.astype(np.float32)
+        n += length
+    return (amp * out / max(1e-9, np.abs(out).max())).astype(np.float32)
+
+
+def bursts(seconds: float, seed: int = 0, rate: int = SAMPLE_RATE, amp: float = 0.3) -> np.ndarray:
+    """Sweeps and tones under decaying envelopes, with a little noise: effect-like sounds."""
+    rng = np.random.default_rng(seed)
+    out, n = np.zeros(int(seconds * rate), np.float32), 0
+    while n < len(out):
+        length = int(rng.uniform(0.2, 0.9) * rate)
+        t = np.arange(min(length, len(out) - n)) / rate
+        f0, f1 = rng.uniform(300, 3000, 2)
+        phase = 2 * np.pi * np.cumsum(np.linspace(f0, f1, len(t))) / rate
+        sound = (np.sin(phase) + 0.1 * rng.standard_normal(len(t))) * np.exp(-t * rng.uniform(2, 6))
+        out[n : n + len(t)] += sound.astype(np.float32)
+        n += length
+    return (amp * out / max(1e-9, np.abs(out).max())).astype(np.float32)

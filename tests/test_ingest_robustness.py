@@ -30,7 +30,7 @@ from audiosearch.collection import Collection
 from audiosearch.decode_pool import DecodePool
 from audiosearch.index import MAGIC, VectorIndex
 from audiosearch.query import query
-from audiosearch.store import Store
+from audiosearch.store import Store, migrations
 
 from .conftest import write
 
@@ -361,10 +361,10 @@ def test_write_failure_ends_the_run_with_one_line(tiny_model, tmp_path, monkeypa
         write(clip, syn.noise(2, seed=7), 16000)  # every file changed: all are embedded again
     real = Store.write_file
 
-    def disk_full(self, row, segments):
+    def disk_full(self, row, segments, *prints):
         if row["path"] == str(clips[1]):
             raise sqlite3.OperationalError("database or disk is full")
-        return real(self, row, segments)
+        return real(self, row, segments, *prints)
 
     monkeypatch.setattr(Store, "write_file", disk_full)
     result: list[str] = []
@@ -448,7 +448,7 @@ def test_first_runs_racing_to_create_an_index_all_succeed(tmp_path):
     with multiprocessing.get_context("fork").Pool(6) as pool:
         results = pool.starmap(_create_store, [(tmp_path / "idx", start_at)] * 6)
     assert results == ["ok"] * 6
-    assert rows(tmp_path / "idx", "SELECT COUNT(*) FROM _sqlite_migrations") == [(1,)]
+    assert rows(tmp_path / "idx", "SELECT COUNT(*) FROM _sqlite_migrations") == [(len(migrations._migrations),)]
 
 
 PAUSED_INGEST = """

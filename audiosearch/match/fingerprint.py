@@ -117,7 +117,7 @@ def pick_peaks(spec: np.ndarray, res: Resolution, density: float = 1.0) -> tuple
     """Local maxima that stand out from their surroundings, the strongest few per second.
 
     Returns frame index, fractional band (parabolic interpolation) and strength in dB. A peak's
-    rank is its height above the local mean, so a gain change or a noise floor reorders little.
+    rank is its height: gain changes no order, and the strongest are the ones noise leaves standing.
     """
     size = (2 * res.time_radius + 1, 2 * res.band_radius + 1)
     local_max = ndimage.maximum_filter(spec, size=size, mode="nearest")
@@ -128,8 +128,8 @@ def pick_peaks(spec: np.ndarray, res: Resolution, density: float = 1.0) -> tuple
     frames, bands = np.nonzero(is_peak)
     if len(frames) == 0:
         return np.zeros(0), np.zeros(0, np.float32), np.zeros(0, np.float32)
-    prominence = spec[frames, bands] - background[frames, bands]
-    keep = _densest(frames, prominence, res.peaks_per_second * density, res.frame_seconds)
+    height = spec[frames, bands]  # ranks peaks: the strongest survive noise, codecs and mixing best
+    keep = _densest(frames, height, res.peaks_per_second * density, res.frame_seconds)
     frames, bands = frames[keep], bands[keep]
     left, mid, right = spec[frames, bands - 1], spec[frames, bands], spec[frames, bands + 1]
     denom = left - 2 * mid + right
@@ -137,11 +137,11 @@ def pick_peaks(spec: np.ndarray, res: Resolution, density: float = 1.0) -> tuple
     return frames.astype(np.float64), (bands + np.clip(delta, -0.5, 0.5)).astype(np.float32), mid.astype(np.float32)
 
 
-def _densest(frames: np.ndarray, prominence: np.ndarray, per_second: float, frame_seconds: float) -> np.ndarray:
-    """Indices of the most prominent peaks, at most `per_second` in each second, in time order."""
+def _densest(frames: np.ndarray, height: np.ndarray, per_second: float, frame_seconds: float) -> np.ndarray:
+    """Indices of the highest peaks, at most `per_second` in each second, in time order."""
     per_block = max(1, int(round(per_second)))
     block = np.floor(frames * frame_seconds).astype(np.int64)
-    order = np.lexsort((-prominence, block))
+    order = np.lexsort((-height, block))
     sorted_blocks = block[order]
     first = np.searchsorted(sorted_blocks, sorted_blocks, side="left")
     rank = np.arange(len(order)) - first

@@ -30,12 +30,12 @@ MAX_PITCH_STEP = 4.0  # semitones either way
 SPEED_STEP = 0.005
 SPAN_TOLERANCE = 0.12  # a collision's own span ratio may differ this much from the line's speed
 OFFSET_BIN = 0.064  # seconds
-INLIER_SECONDS = 0.08  # distance from the fitted line
-PITCH_TOLERANCE = 1.5  # bands from the median frequency shift
+INLIER_SECONDS = 0.04  # distance from the fitted line (a frame is 32 ms)
+PITCH_TOLERANCE = 1.0  # bands from the median frequency shift
 CANDIDATES = 24  # files verified per query, by raw collisions
 
-MIN_INLIERS = 10
-MIN_SCORE = 0.2
+MIN_INLIERS = 8
+MIN_SCORE = 0.4
 
 
 @dataclass(frozen=True)

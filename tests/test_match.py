@@ -1,0 +1,290 @@
+"""The matching stage: fingerprints, the print lookup index, verification, and `query` with duplicates.
+
+Edits are made as users make them, with sox (speed, pitch) and by mixing noise in;
+a similar but different sound (same generator, another seed) must not be a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from audiosearch import synthetic as syn
+from audiosearch.cli import app
+from audiosearch.match import Matcher
+from audiosearch.match import lookup as L
+from audiosearch.match.fingerprint import (VERSION, Fingerprint, fingerprint, keys, query_keys, triplets)
+
+from .conftest import write
+
+runner = CliRunner()
+RATE = 16000
+SOX = shutil.which("sox")
+needs_sox = pytest.mark.skipif(SOX is None, reason="sox is not installed (make setup installs it with apt as root)")
+
+
+def run(*args: str, code: int = 0) -> str:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+def sox(src: Path, dst: Path, *effect: str) -> Path:
+    subprocess.run([SOX, str(src), str(dst), *effect], check=True, capture_output=True)
+    return dst
+
+
+def excerpt(path: Path, start: float, seconds: float, out: Path) -> Path:
+    data, rate = sf.read(path, dtype="float32")
+    return write(out, data[int(start * rate): int((start + seconds) * rate)], rate)
+
+
+@pytest.fixture(scope="module")
+def match_library(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("matchlib")
+    write(root / "melody_a.wav", syn.melody(30, seed=1, rate=44100), 44100)
+    write(root / "melody_b.flac", syn.melody(25, seed=2, rate=22050), 22050)
+    write(root / "bursts_a.wav", syn.bursts(20, seed=3), RATE)
+    write(root / "bursts_b.wav", syn.bursts(20, seed=4), RATE)
+    write(root / "click.wav", syn.bursts(0.3, seed=5), RATE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def match_index(match_library, tiny_model, tmp_path_factory) -> Path:
+    index = tmp_path_factory.mktemp("matchindex") / "idx"
+    run("ingest", match_library, "--index", index, "--model", tiny_model)
+    return index
+
+
+def query(index: Path, model: Path, clip: Path, *extra: str) -> list[dict]:
+    return json.loads(run("query", clip, "--index", index, "--model", model, "--json", *extra))
+
+
+# -- fingerprints and keys ------------------------------------------------------------------
+
+
+def test_fingerprint_round_trips_through_bytes():
+    fp = fingerprint(syn.melody(5, seed=0))
+    back = Fingerprint.from_bytes(fp.to_bytes())
+    assert len(fp) > 20 and len(back) == len(fp)
+    assert np.abs(back.times - fp.times).max() <= 0.0005
+    assert np.abs(back.bands - fp.bands).max() <= 1 / 64
+    assert back.duration == fp.duration and back.short == fp.short
+
+
+def test_every_stored_key_is_among_its_own_probes():
+    """A query with exactly the library's triplets must probe every cell they are stored in."""
+    fp = fingerprint(syn.bursts(8, seed=9))
+    tr = triplets(fp)
+    stored = keys(tr, fp.short)
+    probes, rows = query_keys(tr, fp.short)
+    assert len(tr) > 50
+    assert all(stored[i] in set(probes[rows == i]) for i in range(len(tr)))
+
+
+def test_gain_changes_no_peak():
+    x = syn.melody(6, seed=3)
+    a, b = fingerprint(x), fingerprint(x * 0.3)
+    assert np.array_equal(a.times, b.times) and np.allclose(a.bands, b.bands)
+
+
+def test_a_very_short_sound_gets_a_fingerprint():
+    fp = fingerprint(syn.bursts(0.08, seed=2))
+    assert fp.short and len(fp) >= 3
+
+
+# -- the lookup index ------------------------------------------------------------------------
+
+
+class Prints:
+    """An in-memory PrintSource."""
+
+    def __init__(self, signals: dict[int, np.ndarray]):
+        self.data = {i: fingerprint(x).to_bytes() for i, x in signals.items()}
+
+    def print_ids(self):
+        return np.array(sorted(self.data), dtype=np.int64)
+
+    def iter_prints(self, ids, batch_size=512):
+        yield [(int(i), VERSION, self.data[int(i)]) for i in ids]
+
+
+def test_lookup_sync_adds_masks_and_merges(tmp_path):
+    source = Prints({i: syn.melody(4, seed=i) for i in range(1, 4)})
+    lookup = L.PrintLookup()
+    assert lookup.sync(source).added == 3
+    del source.data[2]
+    source.data[7] = fingerprint(syn.melody(4, seed=7)).to_bytes()
+    report = lookup.sync(source)
+    assert (report.added, report.removed) == (1, 1)
+    assert set(lookup.covered()) == {1, 3, 7}
+    probes, rows = query_keys(triplets(fingerprint(syn.melody(4, seed=2))), False)
+    _, entries = lookup.lookup(probes)
+    assert 2 not in set(entries["fp"])  # masked
+    merged = L.merge_runs(lookup.runs, lookup.masked)
+    assert set(merged.ids) == {1, 3, 7} and 2 not in set(merged.entries["fp"])
+    assert np.all(np.diff(merged.keys.astype(np.int64)) >= 0)
+
+
+def test_lookup_saves_atomically_and_loads_back(tmp_path):
+    source = Prints({i: syn.bursts(4, seed=i) for i in range(1, 4)})
+    lookup = L.PrintLookup()
+    lookup.sync(source)
+    lookup.generation = 5
+    L.save(lookup, tmp_path)
+    back = L.load(tmp_path, verify=True)
+    assert back.generation == 5 and set(back.covered()) == {1, 2, 3}
+    assert np.array_equal(back.runs[0].keys, lookup.runs[0].keys)
+
+
+def test_damaged_lookup_files_are_reported(tmp_path):
+    lookup = L.PrintLookup()
+    lookup.sync(Prints({1: syn.melody(4, seed=1)}))
+    L.save(lookup, tmp_path)
+    run_file = next(tmp_path.glob(L.RUN_GLOB))
+    data = bytearray(run_file.read_bytes())
+    data[-3] ^= 0xFF
+    run_file.write_bytes(bytes(data))
+    with pytest.raises(L.LookupCorrupt, match="checksum"):
+        L.load(tmp_path, verify=True)
+    run_file.write_bytes(bytes(data[:-7]))
+    with pytest.raises(L.LookupCorrupt, match="damaged"):
+        L.load(tmp_path)
+    (tmp_path / L.MANIFEST).write_text("{not json")
+    with pytest.raises(L.LookupCorrupt):
+        L.load(tmp_path)
+
+
+def test_a_save_killed_before_its_manifest_leaves_the_old_state(tmp_path, monkeypatch):
+    lookup = L.PrintLookup()
+    lookup.sync(Prints({1: syn.melody(4, seed=1)}))
+    L.save(lookup, tmp_path)
+    lookup.sync(Prints({1: syn.melody(4, seed=1), 2: syn.melody(4, seed=2)}))
+    real = L._write_atomic
+
+    def crash_on_manifest(path, parts):
+        if path.name == L.MANIFEST:
+            raise KeyboardInterrupt  # killed between the new run and the manifest
+        real(path, parts)
+
+    monkeypatch.setattr(L, "_write_atomic", crash_on_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        L.save(lookup, tmp_path)
+    monkeypatch.setattr(L, "_write_atomic", real)
+    assert set(L.load(tmp_path, verify=True).covered()) == {1}  # the old manifest still holds
+    assert len(list(tmp_path.glob(L.RUN_GLOB))) == 2  # the new run is an orphan ...
+    L.save(L.load(tmp_path), tmp_path)
+    assert len(list(tmp_path.glob(L.RUN_GLOB))) == 1  # ... which the next save removes
+
+
+# -- end to end through the CLI --------------------------------------------------------------
+
+
+@needs_sox
+def test_a_sped_up_excerpt_is_a_duplicate_with_its_offset_and_factors(match_index, match_library, tiny_model, tmp_path):
+    cut = excerpt(match_library / "melody_a.wav", 7.0, 8.0, tmp_path / "cut.wav")
+    clip = sox(cut, tmp_path / "fast.wav", "speed", "1.05")
+    hits = query(match_index, tiny_model, clip)
+    top = hits[0]
+    assert top["path"] == str(match_library / "melody_a.wav") and top["match"]["kind"] == "duplicate"
+    m = top["match"]
+    assert abs(m["speed"] - 1.05) < 0.0105 and abs(m["pitch"] - 1.05) < 0.0105
+    assert abs(m["start"] - (7.0 + m["query_start"] * m["speed"])) < 0.1
+    assert m["score"] >= 0.5
+    assert [h for h in hits[1:] if h["match"]["kind"] == "duplicate"] == []
+
+
+@needs_sox
+def test_a_pitch_shifted_excerpt_is_a_duplicate(match_index, match_library, tiny_model, tmp_path):
+    cut = excerpt(match_library / "melody_b.flac", 4.0, 9.0, tmp_path / "cut.wav")
+    clip = sox(cut, tmp_path / "up.wav", "pitch", "200")
+    m = query(match_index, tiny_model, clip)[0]["match"]
+    assert m["kind"] == "duplicate"
+    assert abs(m["pitch"] - 2 ** (2 / 12)) < 0.0112 and abs(m["speed"] - 1) < 0.01
+    assert abs(m["start"] - (4.0 + m["query_start"])) < 0.1
+
+
+def test_a_noisy_excerpt_is_a_duplicate(match_index, match_library, tiny_model, tmp_path):
+    data, _ = sf.read(match_library / "bursts_a.wav", dtype="float32")
+    part = data[5 * RATE: 13 * RATE]
+    noise = np.random.default_rng(0).standard_normal(len(part)).astype(np.float32)
+    noise *= np.sqrt(np.mean(part**2) / np.mean(noise**2) / 100)  # 20 dB SNR
+    clip = write(tmp_path / "noisy.wav", part + noise, RATE)
+    top = query(match_index, tiny_model, clip, "--no-filter")[0]
+    assert top["path"] == str(match_library / "bursts_a.wav") and top["match"]["kind"] == "duplicate"
+    assert abs(top["match"]["start"] - (5.0 + top["match"]["query_start"])) < 0.1
+
+
+def test_a_similar_but_different_sound_is_not_a_duplicate(match_index, tiny_model, tmp_path):
+    for seed, make in ((11, syn.melody), (12, syn.bursts)):
+        clip = write(tmp_path / f"other{seed}.wav", make(10, seed=seed), RATE)
+        hits = query(match_index, tiny_model, clip, "--no-filter")
+        assert hits and all(h["match"] == {"kind": "similar"} for h in hits)
+
+
+def test_the_label_filter_never_hides_a_duplicate(match_index, match_library, tiny_model, tmp_path):
+    clip = excerpt(match_library / "bursts_b.wav", 2.0, 6.0, tmp_path / "cut.wav")
+    hits = query(match_index, tiny_model, clip, "--label", "Speech")
+    assert hits[0]["path"] == str(match_library / "bursts_b.wav") and hits[0]["match"]["kind"] == "duplicate"
+    only = query(match_index, tiny_model, clip, "--duplicates-only")
+    assert [h["path"] for h in only] == [str(match_library / "bursts_b.wav")]
+    similar = query(match_index, tiny_model, clip, "--similar-only", "--no-filter")
+    assert all(h["match"] == {"kind": "similar"} for h in similar)
+    assert query(match_index, tiny_model, clip, "--duplicates-only", "--min-match", "30") == []
+
+
+def test_a_very_short_library_sound_is_found(match_index, match_library, tiny_model):
+    top = query(match_index, tiny_model, match_library / "click.wav", "--no-filter")[0]
+    assert top["path"] == str(match_library / "click.wav") and top["match"]["kind"] == "duplicate"
+
+
+def test_table_says_duplicate_or_similar(match_index, match_library, tiny_model, tmp_path):
+    clip = excerpt(match_library / "melody_a.wav", 3.0, 6.0, tmp_path / "cut.wav")
+    out = run("query", clip, "--index", match_index, "--model", tiny_model, "--no-filter", "-k", "3")
+    assert "duplicate" in out and "0:03." in out and "similar" in out
+
+
+def test_python_api_matches_a_waveform_in_memory(match_index, match_library):
+    data, rate = sf.read(match_library / "melody_a.wav", dtype="float32")
+    with Matcher.open(match_index) as matcher:
+        found = matcher.match_waveform(data[10 * rate: 16 * rate], rate)
+    assert found[0].path == str(match_library / "melody_a.wav")
+    assert abs(found[0].start - (10 + found[0].query_start)) < 0.1 and abs(found[0].speed - 1) < 0.01
+
+
+def test_deleted_file_stops_matching_and_lookup_is_rebuilt(match_library, tiny_model, tmp_path):
+    lib = tmp_path / "lib"
+    shutil.copytree(match_library, lib)
+    index = tmp_path / "idx"
+    run("ingest", lib, "--index", index, "--model", tiny_model)
+    clip = excerpt(lib / "bursts_a.wav", 3.0, 6.0, tmp_path / "cut.wav")
+    kept = tmp_path / "bursts_a_copy.wav"
+    shutil.copy(lib / "bursts_a.wav", kept)
+    for path in [index / L.MANIFEST, *index.glob(L.RUN_GLOB)]:
+        path.unlink()  # the lookup is derived: a query rebuilds it from SQLite
+    assert query(index, tiny_model, clip, "--duplicates-only")[0]["path"] == str(lib / "bursts_a.wav")
+    assert (index / L.MANIFEST).exists()
+    run("doctor", "--index", index)
+    (lib / "bursts_a.wav").unlink()
+    run("ingest", lib, "--index", index, "--model", tiny_model)
+    assert query(index, tiny_model, clip, "--duplicates-only") == []
+    run("doctor", "--index", index)
+
+
+def test_doctor_repairs_a_damaged_lookup(match_library, tiny_model, tmp_path):
+    index = tmp_path / "idx"
+    run("ingest", match_library, "--index", index, "--model", tiny_model)
+    run_file = next(index.glob(L.RUN_GLOB))
+    run_file.write_bytes(run_file.read_bytes()[:100])
+    out = run("doctor", "--index", index, code=1)
+    assert "print lookup is damaged" in out
+    assert "rebuilt the print lookup" in run("doctor", "--index", index, "--repair")
+    run("doctor", "--index", index)
