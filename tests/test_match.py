@@ -134,6 +134,22 @@ def test_lookup_sync_adds_masks_and_merges(tmp_path):
     assert np.all(np.diff(merged.keys.astype(np.int64)) >= 0)
 
 
+def test_a_dense_run_finds_what_a_sorted_one_finds(tmp_path, monkeypatch):
+    source = Prints({i: syn.melody(6, seed=i) for i in range(1, 5)})
+    sparse = L.PrintLookup()
+    sparse.sync(source)
+    monkeypatch.setattr(L, "DENSE_ENTRIES", 1)
+    dense = L.PrintLookup()
+    dense.sync(source)
+    assert dense.runs[0].offsets is not None and len(dense.runs[0].keys) == 0
+    L.save(dense, tmp_path)
+    dense = L.load(tmp_path, verify=True)
+    probes, _ = query_keys(triplets(fingerprint(syn.melody(6, seed=2), density=2)), False)
+    (p1, e1), (p2, e2) = sparse.lookup(probes), dense.lookup(probes)
+    assert len(e1) > 100 and np.array_equal(p1, p2) and np.array_equal(e1, e2)
+    assert np.array_equal(L.merge_runs(dense.runs, set()).all_keys(), sparse.runs[0].keys)
+
+
 def test_lookup_saves_atomically_and_loads_back(tmp_path):
     source = Prints({i: syn.bursts(4, seed=i) for i in range(1, 4)})
     lookup = L.PrintLookup()

@@ -234,6 +234,7 @@ def _empty_triplets() -> Triplets:
 
 # Key layout, low to high: ratio (3 bits) | gap2 (6) | gap3 (6) | span (5) | octave (3) | short (1)
 _FIELDS = (("ratio", RATIO_LEVELS), ("gap2", 64), ("gap3", 64), ("span", 32), ("octave", 8), ("short", 2))
+KEY_BITS = sum(int(levels - 1).bit_length() for _, levels in _FIELDS)
 
 
 def _coordinates(tr: Triplets) -> dict[str, np.ndarray]:

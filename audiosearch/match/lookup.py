@@ -30,12 +30,13 @@ from typing import Protocol
 import numpy as np
 import xxhash
 
-from .fingerprint import VERSION, Fingerprint, keys, triplets
+from .fingerprint import KEY_BITS, VERSION, Fingerprint, keys, triplets
 
 MANIFEST = "prints.json"
 RUN_GLOB = "prints-*.run"
-MAGIC = b"ASPRINT1"
-_HEADER = struct.Struct("<8sQQQ")  # magic, ids, entries, checksum of the body (xxh64)
+MAGIC = b"ASPRINT2"
+_HEADER = struct.Struct("<8sQQQQ")  # magic, ids, entries, offsets, checksum of the body (xxh64)
+DENSE_ENTRIES = 1 << 22  # a run this big keeps a bucket table instead of its keys (see Run)
 MAX_RUNS = 8  # more and a sync merges them: each lookup binary-searches every run
 MAX_MASKED = 0.25  # merge when this share of the covered fingerprints is gone
 MAX_BUCKET = 4096  # a key held by more entries than this says nothing (silence, hum): it is not probed
@@ -57,16 +58,39 @@ class LookupCorrupt(Exception):
 
 @dataclass
 class Run:
-    """One immutable sorted run: the fingerprint ids it covers, its keys and their entries."""
+    """One immutable sorted run: the fingerprint ids it covers, its keys and their entries.
+
+    A small run is binary-searched. A big one (DENSE_ENTRIES or more) keeps, instead of its
+    keys, where each key's entries start (2**KEY_BITS + 1 offsets, 128 MiB): a probe is then
+    two reads wherever its key lies, instead of ~30 cache misses through a sorted array
+    (1 billion entries at 10,000 hours), and the run drops its 4-byte keys.
+    """
 
     ids: np.ndarray  # int64, ascending
-    keys: np.ndarray  # uint32, ascending
-    entries: np.ndarray  # ENTRY, aligned with keys
+    keys: np.ndarray  # uint32, ascending; empty when `offsets` is given
+    entries: np.ndarray  # ENTRY, in key order
     name: str | None = None  # file name once saved
+    offsets: np.ndarray | None = None  # uint64 [2**KEY_BITS + 1], for dense runs
 
     @property
     def nbytes(self) -> int:
-        return self.ids.nbytes + self.keys.nbytes + self.entries.nbytes
+        extra = self.offsets.nbytes if self.offsets is not None else 0
+        return self.ids.nbytes + self.keys.nbytes + self.entries.nbytes + extra
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def ranges(self, probe_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each probe key's entries start and end."""
+        if self.offsets is not None:
+            return self.offsets[probe_keys].astype(np.int64), self.offsets[probe_keys.astype(np.int64) + 1].astype(np.int64)
+        return np.searchsorted(self.keys, probe_keys, side="left"), np.searchsorted(self.keys, probe_keys, side="right")
+
+    def all_keys(self) -> np.ndarray:
+        """Every entry's key (rebuilt from the offsets of a dense run)."""
+        if self.offsets is None:
+            return np.asarray(self.keys)
+        return np.repeat(np.arange(len(self.offsets) - 1, dtype=np.uint32), np.diff(self.offsets).astype(np.int64))
 
 
 @dataclass
@@ -91,7 +115,7 @@ class PrintLookup:
 
     @property
     def entries(self) -> int:
-        return sum(len(r.keys) for r in self.runs)
+        return sum(len(r) for r in self.runs)
 
     @property
     def nbytes(self) -> int:
@@ -107,8 +131,7 @@ class PrintLookup:
         probe_keys = np.asarray(probe_keys, dtype=np.uint32)
         found_probe, found_entries = [], []
         for run in self.runs:
-            lo = np.searchsorted(run.keys, probe_keys, side="left")
-            hi = np.searchsorted(run.keys, probe_keys, side="right")
+            lo, hi = run.ranges(probe_keys)
             count = hi - lo
             count[count > MAX_BUCKET] = 0
             total = int(count.sum())
@@ -175,7 +198,12 @@ def _sorted_run(ids: np.ndarray, key_parts: list[np.ndarray], entry_parts: list[
     k = np.concatenate(key_parts) if key_parts else np.zeros(0, np.uint32)
     e = np.concatenate(entry_parts) if entry_parts else np.zeros(0, ENTRY)
     order = np.argsort(k, kind="stable")
-    return Run(ids, k[order], e[order])
+    k, e = k[order], e[order]
+    if len(k) < DENSE_ENTRIES:
+        return Run(ids, k, e)
+    offsets = np.zeros((1 << KEY_BITS) + 1, dtype=np.uint64)
+    np.cumsum(np.bincount(k, minlength=1 << KEY_BITS), out=offsets[1:])
+    return Run(ids, np.zeros(0, np.uint32), e, offsets=offsets)
 
 
 def merge_runs(runs: list[Run], masked: set[int]) -> Run:
@@ -185,7 +213,7 @@ def merge_runs(runs: list[Run], masked: set[int]) -> Run:
     keys_, entries = [], []
     for r in runs:
         keep = ~np.isin(r.entries["fp"], gone) if len(gone) else slice(None)
-        keys_.append(np.asarray(r.keys[keep]))
+        keys_.append(r.all_keys()[keep])
         entries.append(np.asarray(r.entries[keep]))
     return _sorted_run(ids, keys_, entries)
 
@@ -236,33 +264,38 @@ def load(directory: Path, *, verify: bool = False) -> PrintLookup | None:
 
 
 def _run_bytes(run: Run) -> list[bytes | memoryview]:
-    body = [run.ids.astype("<i8").tobytes(), run.keys.astype("<u4").tobytes(), run.entries.tobytes()]
+    offsets = run.offsets if run.offsets is not None else np.zeros(0, np.uint64)
+    body = [run.ids.astype("<i8").tobytes(), run.keys.astype("<u4").tobytes(), run.entries.tobytes(),
+            offsets.astype("<u8").tobytes()]
     digest = xxhash.xxh64()
     for part in body:
         digest.update(part)
-    return [_HEADER.pack(MAGIC, len(run.ids), len(run.keys), digest.intdigest()), *body]
+    return [_HEADER.pack(MAGIC, len(run.ids), len(run.entries), len(offsets), digest.intdigest()), *body]
 
 
 def _read_run(path: Path, verify: bool) -> Run:
     try:
         with open(path, "rb") as f:
-            magic, n_ids, n_entries, checksum = _HEADER.unpack(f.read(_HEADER.size))
+            magic, n_ids, n_entries, n_offsets, checksum = _HEADER.unpack(f.read(_HEADER.size))
         size = path.stat().st_size
     except (OSError, struct.error) as e:
         raise LookupCorrupt(f"{path} is unreadable ({e})") from e
-    expected = _HEADER.size + 8 * n_ids + 4 * n_entries + ENTRY.itemsize * n_entries
-    if magic != MAGIC or size != expected:
+    n_keys = 0 if n_offsets else n_entries
+    sizes = [8 * n_ids, 4 * n_keys, ENTRY.itemsize * n_entries, 8 * n_offsets]
+    expected = _HEADER.size + sum(sizes)
+    if magic != MAGIC or size != expected or n_offsets not in (0, (1 << KEY_BITS) + 1):
         raise LookupCorrupt(f"{path} is damaged (size {size}, expected {expected})")
-    if n_ids == 0:
+    if size == _HEADER.size:
         return Run(np.zeros(0, np.int64), np.zeros(0, np.uint32), np.zeros(0, ENTRY), path.name)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    body = data[_HEADER.size:]
+    body = np.memmap(path, dtype=np.uint8, mode="r")[_HEADER.size:]
     if verify and xxhash.xxh64(body).intdigest() != checksum:
         raise LookupCorrupt(f"{path} is damaged (checksum mismatch)")
-    ids = body[: 8 * n_ids].view("<i8")
-    k = body[8 * n_ids: 8 * n_ids + 4 * n_entries].view("<u4")
-    e = body[8 * n_ids + 4 * n_entries:].view(ENTRY)
-    return Run(np.asarray(ids, dtype=np.int64), k, e, path.name)
+    ends = np.cumsum(sizes)
+    ids, k, e, o = (body[a:b] for a, b in zip([0, *ends[:-1]], ends))
+    offsets = o.view("<u8") if n_offsets else None
+    if offsets is not None and (offsets[-1] != n_entries or (verify and np.any(np.diff(offsets.astype(np.int64)) < 0))):
+        raise LookupCorrupt(f"{path} is damaged (bucket table does not match its entries)")
+    return Run(np.asarray(ids.view("<i8"), dtype=np.int64), k.view("<u4"), e.view(ENTRY), path.name, offsets)
 
 
 def _write_atomic(path: Path, parts) -> None:
@@ -301,13 +334,13 @@ def synthetic_index(hours: float, directory: str | Path | None = None, *, seed: 
     n = int(hours * 3600 * rate)
     rng = np.random.default_rng(seed)
     files = max(1, int(hours * 3600 / 30))  # 30 s files
-    k = np.sort(rng.integers(0, 1 << 24, n, dtype=np.uint32))
+    k = np.sort(rng.integers(0, 1 << KEY_BITS, n, dtype=np.uint32))
     e = np.zeros(n, dtype=ENTRY)
     e["fp"] = rng.integers(1, files + 1, n)
     e["ms"] = rng.integers(0, 30_000, n)
     e["band"] = rng.integers(0, 90 * 64, n)
     e["span"] = rng.integers(60, 1200, n)
-    lookup = PrintLookup([Run(np.arange(1, files + 1, dtype=np.int64), k, e)], set(), 0)
+    lookup = PrintLookup([_sorted_run(np.arange(1, files + 1, dtype=np.int64), [k], [e])], set(), 0)
     if directory is not None:
         Path(directory).mkdir(parents=True, exist_ok=True)
         save(lookup, Path(directory))
@@ -315,4 +348,4 @@ def synthetic_index(hours: float, directory: str | Path | None = None, *, seed: 
     return lookup
 
 
-SYNTHETIC_TRIPLETS_PER_SECOND = 60.0
+SYNTHETIC_TRIPLETS_PER_SECOND = 30.0  # what the library fingerprints of music and speech hold, about
