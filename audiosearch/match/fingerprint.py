@@ -43,14 +43,15 @@ class Resolution:
     time_radius: int  # frames either side a peak must dominate
     band_radius: int  # bands either side
     peaks_per_second: float
+    min_span: float  # seconds: a triplet's last peak is at least this far from its first
 
     @property
     def frame_seconds(self) -> float:
         return self.hop / ANALYSIS_RATE
 
 
-LONG = Resolution(n_fft=1024, hop=256, time_radius=4, band_radius=5, peaks_per_second=12.0)  # 32 ms frames
-SHORT = Resolution(n_fft=512, hop=64, time_radius=4, band_radius=4, peaks_per_second=40.0)  # 8 ms frames
+LONG = Resolution(n_fft=1024, hop=256, time_radius=4, band_radius=5, peaks_per_second=12.0, min_span=0.06)  # 32 ms
+SHORT = Resolution(n_fft=512, hop=64, time_radius=2, band_radius=4, peaks_per_second=60.0, min_span=0.016)  # 8 ms
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,8 @@ def fingerprint(samples: np.ndarray, rate: int = 16000, *, density: float = 1.0)
 
 
 def log_spectrogram(y: np.ndarray, res: Resolution) -> np.ndarray:
-    """dB power in N_BANDS log-spaced bands, [frames, bands]."""
-    if len(y) < res.n_fft:
-        y = np.pad(y, (0, res.n_fft - len(y)))
+    """dB power in N_BANDS log-spaced bands, [frames, bands]; frame i is centred on i * hop."""
+    y = np.pad(y, (res.n_fft // 2, res.n_fft // 2))
     frames = np.lib.stride_tricks.sliding_window_view(y, res.n_fft)[:: res.hop]
     spectrum = scipy.fft.rfft(frames * _window(res.n_fft), axis=1)
     power = spectrum.real**2 + spectrum.imag**2
@@ -178,7 +178,7 @@ FAR = 3  # last peaks per anchor: the first ones MIN_SPAN or more later
 # A query is analysed denser and fanned out wider, so that it holds the library's triplets even
 # when an edit added peaks between them (the asymmetry of Sonnleitner & Widmer's quads).
 QUERY_DENSITY, QUERY_NEAR, QUERY_FAR = 2.0, 4, 6
-MIN_SPAN, MAX_SPAN = 0.06, 1.2  # seconds between a triplet's first and last peak
+MIN_SPAN, MAX_SPAN = 0.06, 1.2  # seconds between a triplet's first and last peak (short sounds: from SHORT.min_span)
 MAX_BAND_GAP = 36  # a triplet spans at most 1.5 octaves
 RATIO_LEVELS = 8  # quantisation of (t2 - t1) / (t3 - t1)
 GAP_STEP = 2.0  # bands per key step of a frequency difference
@@ -210,7 +210,7 @@ def triplets(fp: Fingerprint, near: int = NEAR, far: int = FAR) -> Triplets:
     if n < 3:
         return _empty_triplets()
     anchors = np.arange(n)
-    far_start = np.searchsorted(t, t + MIN_SPAN - 1e-9, side="left")
+    far_start = np.searchsorted(t, t + (SHORT if fp.short else LONG).min_span - 1e-9, side="left")
     parts = []
     for k_off in range(far):
         k = far_start + k_off

@@ -130,10 +130,15 @@ def match_fingerprint(lookup: PrintLookup, fp: Fingerprint, *, min_inliers: int 
         return []
     probe_keys, rows = query_keys(tr, fp.short)
     probe, entries = lookup.lookup(probe_keys)
-    seconds = np.unique(np.floor(fp.times).astype(np.int64))
-    return align(tr, seconds, rows[probe], entries, min_inliers=_min_inliers(fp, min_inliers), min_score=min_score)
+    bin_seconds = SHORT_BIN if fp.short else 1.0  # a clip under 2 s is scored by 50 ms, not by the second
+    bins = np.unique(np.floor(fp.times / bin_seconds).astype(np.int64))
+    return align(tr, bins, rows[probe], entries, min_inliers=_min_inliers(fp, min_inliers), min_score=min_score,
+                 bin_seconds=bin_seconds)
+
+
+SHORT_BIN = 0.05
 
 
 def _min_inliers(fp: Fingerprint, default: int) -> int:
     """A clip of a fraction of a second holds few triplets: ask for fewer, all of them aligned."""
-    return default if not fp.short else max(4, min(default, int(len(fp) // 3)))
+    return default if not fp.short else max(3, min(default, int(len(fp) // 3)))

@@ -13,8 +13,10 @@ ratios agree. Collisions by chance do not. So, per candidate file:
 3. the verdict: enough inliers, spread over enough of the query's seconds.
 
 The score is that spread: the share of the query's seconds (those holding
-any peak) in which an inlier starts. 1.0 means every second of the query
-was found in the library file at the reported place, speed and pitch.
+any peak) in which an aligned triplet starts (for clips under 2 s: the 50 ms
+bins an aligned triplet spans).
+1.0 means every second of the query was found in the library file at the
+reported place, speed and pitch.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ OFFSET_BIN = 0.064  # seconds
 INLIER_SECONDS = 0.04  # distance from the fitted line (a frame is 32 ms)
 PITCH_TOLERANCE = 1.0  # bands from the median frequency shift
 CANDIDATES = 24  # files verified per query, by raw collisions
+SHORT_FIT = 0.5  # seconds: inliers spread over less than this give no reliable slope
 
 MIN_INLIERS = 8
 MIN_SCORE = 0.4
@@ -53,11 +56,12 @@ class Alignment:
     inliers: int
 
 
-def align(query: Triplets, query_seconds: np.ndarray, probe_rows: np.ndarray, entries: np.ndarray,
-          *, min_inliers: int = MIN_INLIERS, min_score: float = MIN_SCORE) -> list[Alignment]:
+def align(query: Triplets, query_bins: np.ndarray, probe_rows: np.ndarray, entries: np.ndarray,
+          *, min_inliers: int = MIN_INLIERS, min_score: float = MIN_SCORE, bin_seconds: float = 1.0) -> list[Alignment]:
     """Verified alignments, best first, from collisions (`probe_rows[i]` is the query triplet of entry i).
 
-    `query_seconds` lists the seconds of the query that hold peaks (the score's denominator).
+    `query_bins` lists the time bins (of `bin_seconds`) of the query that hold peaks: the score is
+    the share of them in which an aligned triplet starts.
     """
     if len(entries) == 0:
         return []
@@ -78,8 +82,8 @@ def align(query: Triplets, query_seconds: np.ndarray, probe_rows: np.ndarray, en
     out = []
     for fp_id in best:
         sel = ok & (fp == fp_id)
-        a = _verify(int(fp_id), q_t[sel], r_t[sel], ratio[sel], pitch_bands[sel], q_span[sel], r_span[sel],
-                    query_seconds)
+        a = _verify(int(fp_id), q_t[sel], r_t[sel], ratio[sel], pitch_bands[sel], q_span[sel], query_bins,
+                    bin_seconds)
         if a is not None and a.inliers >= min_inliers and a.score >= min_score:
             out.append(a)
     out.sort(key=lambda a: (-a.score, -a.inliers, a.fp_id))
@@ -89,7 +93,7 @@ def align(query: Triplets, query_seconds: np.ndarray, probe_rows: np.ndarray, en
 _SPEEDS = np.arange(MIN_SPEED, MAX_SPEED + SPEED_STEP / 2, SPEED_STEP)
 
 
-def _verify(fp_id, q_t, r_t, ratio, pitch_bands, q_span, r_span, query_seconds) -> Alignment | None:
+def _verify(fp_id, q_t, r_t, ratio, pitch_bands, q_span, query_bins, bin_seconds) -> Alignment | None:
     # 1. Hough vote: offset = r - s q for every speed s near the collision's own ratio.
     offsets = r_t[:, None] - _SPEEDS[None, :] * q_t[:, None]  # [m, speeds]
     near = np.abs(ratio[:, None] / _SPEEDS[None, :] - 1) < SPAN_TOLERANCE
@@ -113,8 +117,11 @@ def _verify(fp_id, q_t, r_t, ratio, pitch_bands, q_span, r_span, query_seconds) 
             return None
         pitch_ref = np.median(pitch_bands[inl])
         inl &= np.abs(pitch_bands - pitch_ref) <= PITCH_TOLERANCE
-        if inl.sum() < 3 or np.ptp(q_t[inl]) < 0.05:
-            speed_fit, offset_fit = speed, offset
+        if inl.sum() < 3:
+            return None
+        if np.ptp(q_t[inl]) < SHORT_FIT:  # too short a stretch for a slope: the spans' own ratio says the speed
+            speed_fit = float(np.clip(np.median(ratio[inl]), MIN_SPEED, MAX_SPEED))
+            offset_fit = float(np.median(r_t[inl] - speed_fit * q_t[inl]))
         else:
             speed_fit, offset_fit = np.polyfit(q_t[inl], r_t[inl], 1)
         if not MIN_SPEED <= speed_fit <= MAX_SPEED:
@@ -127,7 +134,15 @@ def _verify(fp_id, q_t, r_t, ratio, pitch_bands, q_span, r_span, query_seconds) 
     pitch = 2.0 ** (np.median(pitch_bands[inl]) / BANDS_PER_OCTAVE)
     q_start = float(q_t[inl].min())
     q_end = float((q_t[inl] + q_span[inl]).max())
-    seconds = np.unique(np.floor(q_t[inl]).astype(np.int64))
-    score = len(np.intersect1d(seconds, query_seconds)) / max(1, len(query_seconds))
+    # Bins in which an aligned triplet starts; for short clips (small bins), every bin it spans:
+    # a sub-second sound has too few anchors to cover its own bins. Counting spans on long clips
+    # would let a chance alignment of two notes cover three seconds.
+    first = np.floor(q_t[inl] / bin_seconds).astype(np.int64)
+    last = np.floor((q_t[inl] + q_span[inl]) / bin_seconds).astype(np.int64) if bin_seconds < 1 else first
+    covered = np.zeros(int(last.max()) + 2, dtype=np.int64)
+    np.add.at(covered, first, 1)
+    np.add.at(covered, last + 1, -1)
+    bins = np.nonzero(np.cumsum(covered) > 0)[0]  # every bin some aligned triplet spans
+    score = len(np.intersect1d(bins, query_bins)) / max(1, len(query_bins))
     return Alignment(fp_id, q_start, q_end, float(offset + speed * q_start), float(offset + speed * q_end),
                      float(speed), float(pitch), float(score), n)
