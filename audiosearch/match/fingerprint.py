@@ -51,7 +51,9 @@ class Resolution:
 
 
 LONG = Resolution(n_fft=1024, hop=256, time_radius=4, band_radius=5, peaks_per_second=12.0, min_span=0.06)  # 32 ms
-SHORT = Resolution(n_fft=512, hop=64, time_radius=2, band_radius=4, peaks_per_second=60.0, min_span=0.016)  # 8 ms
+# A click or a pluck puts most of its peaks in its first frame or two: on the fine grid, three
+# peaks of one frame make a triplet too, keyed by their frequency intervals alone.
+SHORT = Resolution(n_fft=512, hop=64, time_radius=2, band_radius=4, peaks_per_second=60.0, min_span=0.0)  # 8 ms
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,7 @@ def triplets(fp: Fingerprint, near: int = NEAR, far: int = FAR) -> Triplets:
         return _empty_triplets()
     anchors = np.arange(n)
     far_start = np.searchsorted(t, t + (SHORT if fp.short else LONG).min_span - 1e-9, side="left")
+    far_start = np.maximum(far_start, anchors + 2)  # after the middle peak, whatever the span
     parts = []
     for k_off in range(far):
         k = far_start + k_off
@@ -220,11 +223,12 @@ def triplets(fp: Fingerprint, near: int = NEAR, far: int = FAR) -> Triplets:
             parts.append((anchors[ok], j[ok], k[ok]))
     i, j, k = (np.concatenate(c) for c in zip(*parts))
     span = t[k] - t[i]
-    ok = ((span <= MAX_SPAN) & (np.abs(b[j] - b[i]) <= MAX_BAND_GAP) & (np.abs(b[k] - b[i]) <= MAX_BAND_GAP))
+    ok = ((span <= MAX_SPAN) & (k > j) & (np.abs(b[j] - b[i]) <= MAX_BAND_GAP) & (np.abs(b[k] - b[i]) <= MAX_BAND_GAP))
     i, j, k, span = i[ok], j[ok], k[ok], span[ok]
     order = np.argsort(t[i], kind="stable")
     i, j, k, span = i[order], j[order], k[order], span[order]
-    return Triplets(t[i], b[i], span, (t[j] - t[i]) / span, b[j] - b[i], b[k] - b[i])
+    ratio = np.divide(t[j] - t[i], span, out=np.full(len(span), 0.5), where=span > 0)
+    return Triplets(t[i], b[i], span, ratio, b[j] - b[i], b[k] - b[i])
 
 
 def _empty_triplets() -> Triplets:
@@ -243,7 +247,7 @@ def _coordinates(tr: Triplets) -> dict[str, np.ndarray]:
         "ratio": tr.ratio * (RATIO_LEVELS - 1) + 0.5,  # 0 and 1 (shared frames) sit mid-cell
         "gap2": tr.gap2 / GAP_STEP + 32,
         "gap3": tr.gap3 / GAP_STEP + 32,
-        "span": (np.log2(tr.span) - np.log2(MIN_SPAN)) / SPAN_STEP,
+        "span": (np.log2(np.maximum(tr.span, MIN_SPAN / 2)) - np.log2(MIN_SPAN)) / SPAN_STEP,
         "octave": tr.b1 / OCTAVE_STEP,
     }
 

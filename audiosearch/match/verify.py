@@ -37,8 +37,8 @@ PITCH_TOLERANCE = 1.0  # bands from the median frequency shift
 CANDIDATES = 24  # files verified per query, by raw collisions
 SHORT_FIT = 0.5  # seconds: inliers spread over less than this give no reliable slope
 
-MIN_INLIERS = 8
-MIN_SCORE = 0.4
+MIN_INLIERS = 10
+MIN_SCORE = 0.45
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def align(query: Triplets, query_bins: np.ndarray, probe_rows: np.ndarray, entri
     r_t = entries["ms"] / 1000.0
     r_span = entries["span"] / 1000.0
     r_b = entries["band"] / 64.0
-    ratio = r_span / q_span
+    ratio = np.divide(r_span, q_span, out=np.ones(len(q_span)), where=(q_span > 0) & (r_span > 0))
     pitch_bands = q_b - r_b
     ok = (ratio > MIN_SPEED * (1 - SPAN_TOLERANCE)) & (ratio < MAX_SPEED * (1 + SPAN_TOLERANCE))
     ok &= np.abs(pitch_bands) <= MAX_PITCH_STEP * BANDS_PER_OCTAVE / 12
