@@ -141,4 +141,4 @@ SHORT_BIN = 0.05
 
 def _min_inliers(fp: Fingerprint, default: int) -> int:
     """A clip of a fraction of a second holds few triplets: ask for fewer, all of them aligned."""
-    return default if not fp.short else max(4, min(default, int(len(fp) // 3)))
+    return default if not fp.short else max(4, min(default, int(len(fp) // 4)))
