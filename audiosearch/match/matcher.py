@@ -36,11 +36,6 @@ class Match:
     score: float
     inliers: int
 
-    @property
-    def seconds(self) -> float:
-        """Length of the matched part of the query."""
-        return self.query_end - self.query_start
-
     def to_dict(self) -> dict:
         """The JSON form used by `query --json`: {"kind": "duplicate", ...}."""
         d = {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
