@@ -12,14 +12,19 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .audio import MIN_SECONDS, SEGMENT_SAMPLES, SEGMENT_SECONDS, Audio, Segment, segment, to_model_audio
 from .decode_pool import Decoded, DecodePool
 from .errors import AudioDecodeError
-from .model import DEFAULT_MODEL, Model, PendingOutput
+from .model_ref import DEFAULT_MODEL
+
+if TYPE_CHECKING:  # torch is imported when an Embedder is made, so that Tally and the results stay light
+    import torch
+
+    from .model import Model, PendingOutput
 
 
 @dataclass
@@ -115,6 +120,10 @@ class Embedder:
         hop_seconds: float = SEGMENT_SECONDS,
         tokens: bool = False,
     ):
+        import torch
+
+        from .model import Model
+
         self.model = model if isinstance(model, Model) else Model(model, device=device, precision=precision)
         self.batch_size = batch_size or default_batch_size(self.model.device)
         self.workers = default_workers(self.model.device) if workers is None else workers

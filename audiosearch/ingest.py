@@ -36,10 +36,10 @@ from .embedder import Embedder, FileEmbedding, Tally
 from .errors import AudiosearchError, IndexWriteError, NoAudioFiles
 from .index import SyncReport
 from .match.lookup import SyncReport as PrintSyncReport
-from .model import DEFAULT_MODEL, Model
 from .match.fingerprint import HEADER_BYTES as PRINT_HEADER_BYTES
 from .match.fingerprint import PEAK_BYTES as PRINT_BYTES
 from .match.fingerprint import VERSION as PRINT_VERSION
+from .model_ref import DEFAULT_MODEL
 from .store import FileRow, PrintRow, SegmentResult
 
 COMMIT_SECONDS = 1.0  # longest a finished file waits before its transaction commits
@@ -72,6 +72,8 @@ class IngestSummary(Tally):
     moved: int = 0
     removed: int = 0
     ignored: int = 0
+    ignored_files: list[str] = field(default_factory=list)  # non-audio names, by path
+    earlier_failures: int = 0  # unchanged files that failed or were skipped by an earlier run
     wall_seconds: float = 0.0
     index: SyncReport | None = None
     prints: PrintSyncReport | None = None
@@ -95,6 +97,7 @@ class _Plan:
     remove: list[str] = field(default_factory=list)
     unchanged: int = 0
     disk: list[DiskFile] = field(default_factory=list)
+    unchanged_failed: int = 0  # of `unchanged`: files left failed or skipped from an earlier run
 
 
 def ingest(
@@ -119,7 +122,8 @@ def ingest(
     started = time.perf_counter()
     roots = [Path(os.path.abspath(p)) for p in paths]
     unreadable: list[Unreadable] = []
-    disk, ignored = scan(roots, unreadable)
+    ignored_files: list[str] = []
+    disk, ignored = scan(roots, unreadable, ignored_files)
     collection = Collection(index_dir, create=True, device=device)
     try:
         with collection.writing():
@@ -132,7 +136,7 @@ def ingest(
             )
     finally:
         collection.close()
-    summary.ignored = ignored
+    summary.ignored, summary.ignored_files = ignored, ignored_files
     summary.wall_seconds = time.perf_counter() - started
     return summary
 
@@ -144,7 +148,8 @@ def _ingest_locked(collection: Collection, roots: list[Path], disk: list[DiskFil
     unlisted = [Path(u.path) for u in unreadable if u.folder]
     plan = plan_changes(store.files(), disk, roots, prune=prune, retry_failed=retry_failed, unlisted=unlisted)
     _fingerprint_unprinted(plan, store.unprinted_paths())
-    summary = IngestSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.remove), pruned=prune)
+    summary = IngestSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.remove), pruned=prune,
+                            earlier_failures=plan.unchanged_failed)
     summary.failed.extend((u.path, u.reason + ("; the files indexed from it are kept" if u.folder else ""))
                           for u in unreadable)
     if plan.remove or plan.moves or plan.touches:  # a transaction would bump the generation for nothing
@@ -154,6 +159,8 @@ def _ingest_locked(collection: Collection, roots: list[Path], disk: list[DiskFil
                 store.move_file(old, _row(new))
             for f in plan.touches:
                 store.touch_file(f.path, f.size, f.mtime)
+    if plan.embed or model:
+        from .model import Model  # torch: only when there is something to embed or a model to bind
     if plan.embed:
         hop = hop_seconds or float(collection.meta.get("hop_seconds", SEGMENT_SECONDS))
         net = Model(model or collection.model_name or DEFAULT_MODEL, device=device, precision=precision)
@@ -177,11 +184,12 @@ def _fingerprint_unprinted(plan: _Plan, unprinted: set[str]) -> None:
     plan.unchanged -= len(again)
 
 
-def scan(roots: list[Path], unreadable: list[Unreadable] | None = None) -> tuple[list[DiskFile], int]:
+def scan(roots: list[Path], unreadable: list[Unreadable] | None = None,
+         ignored_files: list[str] | None = None) -> tuple[list[DiskFile], int]:
     """Audio files under the given files and folders (symlinks followed, loops cut), and how many others were ignored.
 
     Folders that cannot be listed and names that are not valid UTF-8 (SQLite keeps text as UTF-8) are
-    appended to `unreadable`. A broken or looping symlink with an audio name is returned, with the
+    appended to `unreadable`, the ignored (non-audio) paths to `ignored_files`. A broken or looping symlink with an audio name is returned, with the
     link's own size and time, so that it is recorded as failed rather than silently left out.
     """
     unreadable = [] if unreadable is None else unreadable
@@ -193,6 +201,8 @@ def scan(roots: list[Path], unreadable: list[Unreadable] | None = None) -> tuple
         for path in _walk(root, unreadable):
             if not is_audio_path(Path(path)):
                 ignored += 1
+                if ignored_files is not None:
+                    ignored_files.append(path)
             elif not _utf8(path):
                 shown = os.fsencode(path).decode("utf-8", "backslashreplace")
                 unreadable.append(Unreadable(shown, "file name is not valid UTF-8; rename the file to index it"))
@@ -281,6 +291,7 @@ def plan_changes(known: list[FileRow], disk: list[DiskFile], roots: list[Path], 
         row = by_path.get(f.path)
         if row and row.size == f.size and row.mtime == f.mtime and (row.status == "ok" or not retry_failed):
             plan.unchanged += 1
+            plan.unchanged_failed += row.status != "ok"
         elif row and row.status == "ok" and row.size == f.size and same_content(f.path, row.hash):
             plan.touches.append(f)
             plan.unchanged += 1
