@@ -28,7 +28,7 @@ Exit codes: 0 done; 1 error (nothing or only part was done, see the message);
 130 interrupted."""
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
     context_settings={"max_content_width": 100, "help_option_names": ["-h", "--help"]},
     help="Find audio by how it sounds: AST embeddings and AudioSet labels, SQLite + FAISS.\n\n" + EXIT_CODES,
 )
@@ -42,16 +42,16 @@ IndexOpt = Annotated[
 ]
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", help="Hugging Face id or local checkpoint directory (default: the index's model, "
+    typer.Option("--model", metavar="ID|DIR", help="Hugging Face id or local checkpoint directory (default: the index's model, "
                  "else MIT/ast-finetuned-audioset-10-10-0.4593)."),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16.")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Segments per model batch.")]
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto, cpu or cuda.")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", metavar="P", help="auto, fp32, bf16 or fp16.")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, metavar="N", help="Segments per model batch.")]
 WorkersOpt = Annotated[Optional[int], typer.Option(
-    "--workers", min=0, help="Decoding processes; 0 decodes in this process (default: 1 on a CPU, cores-1 on a GPU).")]
-HopOpt = Annotated[Optional[float], typer.Option("--hop", min=0.1, help="Seconds between segment starts (default: 10.24).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout (errors as JSON on stderr).")]
+    "--workers", min=0, metavar="N", help="Decoding processes; 0 decodes in this process (default: 1 on a CPU, cores-1 on a GPU).")]
+HopOpt = Annotated[Optional[float], typer.Option("--hop", min=0.1, metavar="SECONDS", help="Seconds between segment starts (default: 10.24).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (errors as JSON on stderr).")]
 DEFAULT_INDEX = Path("indexes/default")
 
 
@@ -94,7 +94,7 @@ def main(
 @app.command()
 @friendly
 def ingest(
-    paths: Annotated[list[Path], typer.Argument(help="Audio files or folders (searched recursively).")],
+    paths: Annotated[list[Path], typer.Argument(metavar="PATH", help="Audio files or folders (searched recursively).")],
     index: IndexOpt = DEFAULT_INDEX,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
@@ -105,7 +105,7 @@ def ingest(
     prune: Annotated[bool, typer.Option(help="Forget indexed files that are gone from these folders.")] = True,
     retry_failed: Annotated[bool, typer.Option(help="Try again files that failed before.")] = False,
     memory_budget: Annotated[Optional[float], typer.Option(
-        min=1e-9, help="GiB of vectors FAISS may hold as float32 before it stores them as float16; "
+        min=1e-9, metavar="GIB", help="GiB of vectors FAISS may hold as float32 before it stores them as float16; "
         "remembered by the index (default: 8).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -138,8 +138,8 @@ def ingest(
 @friendly
 def query(
     clips: Annotated[list[str], typer.Argument(
-        metavar="CLIP...", help="Audio clips to search with ('-' reads one from stdin).", show_default=False)],
-    k: Annotated[int, typer.Option("-k", min=1, help="Number of results per clip.")] = 10,
+        metavar="CLIP", help="Audio clips to search with ('-' reads one from stdin).", show_default=False)],
+    k: Annotated[int, typer.Option("-k", min=1, metavar="N", help="Number of results per clip.")] = 10,
     label: Annotated[Optional[list[str]], typer.Option(
         "--label", metavar="NAME", help="Keep items with this label instead of the clip's top label (repeatable; "
         "names: 'audiosearch labels').")] = None,
@@ -251,7 +251,7 @@ def labels(
 @app.command()
 @friendly
 def remove(
-    paths: Annotated[list[Path], typer.Argument(help="Indexed files, or folders whose indexed files go.")],
+    paths: Annotated[list[Path], typer.Argument(metavar="PATH", help="Indexed files, or folders whose indexed files go.")],
     index: IndexOpt = DEFAULT_INDEX,
     as_json: JsonOpt = False,
 ) -> None:
@@ -279,15 +279,15 @@ def _count(n: int, noun: str) -> str:
 
 
 OutputOpt = Annotated[
-    Path, typer.Option("-o", "--output", help="Feature file; the extension picks the format: .parquet, .npz or .npy.")
+    Path, typer.Option("-o", "--output", metavar="FILE", help="Feature file; the extension picks the format: .parquet, .npz or .npy.")
 ]
 TopLabelsOpt = Annotated[
-    Optional[int], typer.Option("--top-labels", min=1, help="Keep the N best labels per segment (names + scores).")
+    Optional[int], typer.Option("--top-labels", min=1, metavar="N", help="Keep the N best labels per segment (names + scores).")
 ]
 Float16Opt = Annotated[bool, typer.Option("--float16", help="Store embeddings, scores and tokens as float16.")]
 EmbedModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", help="Hugging Face id or local checkpoint directory "
+    typer.Option("--model", metavar="ID|DIR", help="Hugging Face id or local checkpoint directory "
                  "(default: MIT/ast-finetuned-audioset-10-10-0.4593)."),
 ]
 
@@ -295,7 +295,7 @@ EmbedModelOpt = Annotated[
 @app.command()
 @friendly
 def embed(
-    paths: Annotated[list[Path], typer.Argument(help="Audio files or folders (searched recursively).")],
+    paths: Annotated[list[Path], typer.Argument(metavar="PATH", help="Audio files or folders (searched recursively).")],
     output: OutputOpt = Path("features.parquet"),
     model: EmbedModelOpt = None,
     device: DeviceOpt = "auto",
@@ -334,10 +334,11 @@ def export(
     output: OutputOpt = Path("features.parquet"),
     top_labels: TopLabelsOpt = None,
     float16: Float16Opt = False,
-    tokens: Annotated[bool, typer.Option("--tokens", help="Not available: an index keeps no patch tokens.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write the features an index holds to a file, as stored: nothing is recomputed.
+
+    An index keeps no patch tokens: 'audiosearch embed --tokens' computes them.
 
     \b
     Example:
@@ -345,8 +346,6 @@ def export(
     """
     from .export import export_index
 
-    if tokens:
-        raise AudiosearchError("an index keeps no patch tokens; use 'audiosearch embed --tokens' to compute them")
     summary = export_index(index, output, top_labels=top_labels, float16=float16)
     _show_export(summary, as_json)
 

@@ -141,30 +141,43 @@ def duration(seconds: float) -> str:
 
 
 def shorten_left(text: str, width: int) -> str:
-    """Keep the end of a path (the file name), replacing what does not fit on the left with an ellipsis."""
+    """Keep the end of a path (the file name), replacing what does not fit on the left with an ellipsis;
+    the cut falls on a folder boundary where one is in reach."""
+    name = text.rsplit("/", 1)[-1]
+    width = max(width, len(name) + 2)  # the file name itself is never cut
     if len(text) <= width:
         return text
-    return "…" + text[len(text) - max(width - 1, 1):]
+    tail = text[len(text) - max(width - 1, 1):]
+    slash = tail.find("/", 1)
+    return "…" + (tail[slash:] if 0 < slash < len(tail) - 1 else tail)
 
 
 def print_rows(console: Console, header: list[str], rows: list[list[str]], *, shorten: int | None = None) -> None:
     """A table on a terminal; piped, tab-separated lines (header first) that no width ever wraps.
 
-    `shorten` is the column (a path) that gives up its left end when the table is too wide.
+    On a terminal only the last column wraps (between words); `shorten` is the column (a path) that
+    gives up its left end, never a break inside a name, when the table is too wide.
     """
     if not console.is_terminal:
         for row in [header, *rows]:
             print("\t".join(cell.replace("\t", " ").replace("\n", " ") for cell in row))
         return
-    table = Table(*header, box=box.SIMPLE_HEAD, pad_edge=False)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for i, name in enumerate(header):
+        table.add_column(name, no_wrap=i != len(header) - 1)
     if shorten is not None:
-        others = sum(max(len(h), *(len(r[i]) for r in rows)) + 2 for i, h in enumerate(header) if i != shorten)
-        width = max(16, console.width - others - 1)
+        last = min(widths[-1], LAST_COLUMN_MIN)
+        others = sum(w for i, w in enumerate(widths[:-1]) if i != shorten) + last + 3 * (len(header) - 1) + 2
+        width = max(PATH_MIN, console.width - others)
         rows = [[shorten_left(c, width) if i == shorten else c for i, c in enumerate(r)] for r in rows]
-        table.columns[shorten].no_wrap = True
     for row in rows:
         table.add_row(*(escape(c) for c in row))
     console.print(table)
+
+
+LAST_COLUMN_MIN = 16  # characters the last (wrapping) column keeps before a path is shortened
+PATH_MIN = 16  # a path is never shortened below this
 
 
 def hit_columns(*, piped: bool) -> list[str]:
