@@ -8,6 +8,7 @@ segments of `SEGMENT_SECONDS`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,7 +116,7 @@ def decode_into(path: str | Path, write: Callable[[np.ndarray], object]) -> tupl
     except AudioDecodeError:
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
-        raise AudioDecodeError(f"not readable audio: {_reason(e)}") from e
+        raise AudioDecodeError(_why_unreadable(path) or f"not readable audio: {_reason(e)}") from e
     except MemoryError as e:
         raise AudioDecodeError("not enough memory to decode this file") from e
 
@@ -191,6 +192,21 @@ def _check_header(f: sf.SoundFile) -> None:
         raise AudioDecodeError(f"absurd header: {f.samplerate} Hz, {f.channels} channels")
     if f.frames < 0 or f.frames / f.samplerate > MAX_SECONDS:
         raise AudioDecodeError(f"absurd header: claims {f.frames} frames at {f.samplerate} Hz")
+
+
+def _why_unreadable(path: str | Path) -> str | None:
+    """A plainer reason than libsndfile's for the common cases: an empty file, a broken link, no permission."""
+    path = str(path)
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"a broken symlink (it points to {os.readlink(path)}, which does not exist)"
+    try:
+        if os.path.getsize(path) == 0:
+            return "an empty file (0 bytes)"
+    except OSError:
+        return None
+    if not os.access(path, os.R_OK):
+        return "not readable: permission denied"
+    return None
 
 
 def _reason(e: Exception) -> str:

@@ -145,6 +145,7 @@ def _ingest_locked(collection: Collection, roots: list[Path], disk: list[DiskFil
                    model, device, precision, batch_size, workers, hop_seconds, prune, retry_failed,
                    progress) -> IngestSummary:
     store = collection.store
+    _check_hop(collection, hop_seconds)
     unlisted = [Path(u.path) for u in unreadable if u.folder]
     plan = plan_changes(store.files(), disk, roots, prune=prune, retry_failed=retry_failed, unlisted=unlisted)
     _fingerprint_unprinted(plan, store.unprinted_paths())
@@ -184,16 +185,29 @@ def _fingerprint_unprinted(plan: _Plan, unprinted: set[str]) -> None:
     plan.unchanged -= len(again)
 
 
+def _check_hop(collection: Collection, hop_seconds: float | None) -> None:
+    """One hop per index: segments cut at another spacing would mix two different indexes into one."""
+    stored = collection.meta.get("hop_seconds")
+    if hop_seconds is not None and stored is not None and abs(float(stored) - hop_seconds) > 1e-9:
+        raise AudiosearchError(
+            f"index {collection.dir} cuts segments every {float(stored):g} s, not {hop_seconds:g} s; omit --hop "
+            "to keep its hop, or build a new index with another --index"
+        )
+
+
 def scan(roots: list[Path], unreadable: list[Unreadable] | None = None,
          ignored_files: list[str] | None = None) -> tuple[list[DiskFile], int]:
     """Audio files under the given files and folders (symlinks followed, loops cut), and how many others were ignored.
+
+    A file reached by two names (a symlink and its target, or hard links) is listed once, by its real path
+    when that is under the scanned paths (see `_preferred`).
 
     Folders that cannot be listed and names that are not valid UTF-8 (SQLite keeps text as UTF-8) are
     appended to `unreadable`, the ignored (non-audio) paths to `ignored_files`. A broken or looping symlink with an audio name is returned, with the
     link's own size and time, so that it is recorded as failed rather than silently left out.
     """
     unreadable = [] if unreadable is None else unreadable
-    found: dict[str, DiskFile] = {}
+    found: dict[tuple[int, int], DiskFile] = {}  # by (device, inode): a file reached twice is indexed once
     ignored = 0
     for root in roots:
         if not root.exists():
@@ -207,11 +221,22 @@ def scan(roots: list[Path], unreadable: list[Unreadable] | None = None,
                 shown = os.fsencode(path).decode("utf-8", "backslashreplace")
                 unreadable.append(Unreadable(shown, "file name is not valid UTF-8; rename the file to index it"))
             elif (st := disk_stat(path)) is not None:
-                found[path] = DiskFile(path, st.st_size, st.st_mtime)
+                same = found.get((st.st_dev, st.st_ino))
+                if same is None or _preferred(path, same.path):
+                    found[(st.st_dev, st.st_ino)] = DiskFile(path, st.st_size, st.st_mtime)
     if not found:
         where = ", ".join(str(r) for r in roots)
         raise NoAudioFiles(f"no audio files found in {where} (looked for {', '.join(_shown_extensions())})")
     return sorted(found.values(), key=lambda f: f.path), ignored
+
+
+def _preferred(path: str, other: str) -> bool:
+    """Of two names for one file (a symlink and its target, hard links), keep its real path if both are
+    under the scanned folders, else the one that sorts first, so every run picks the same."""
+    real = os.path.realpath(path)
+    if real in (path, other):
+        return real == path
+    return path < other
 
 
 def _walk(root: Path, unreadable: list[Unreadable]) -> Iterable[str]:

@@ -23,9 +23,10 @@ class IngestBar:
     """Files, segments, audio hours, rate and ETA while an ingest (or `title`: embed) runs."""
 
     def __init__(self, console: Console, *, enabled: bool = True, title: str = "ingest"):
+        # Fits 80 columns with room to spare: elapsed time and ETA must never be the part cut off.
         self.progress = Progress(
-            TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TextColumn("files"),
-            TextColumn("{task.fields[segments]} segments, {task.fields[hours]:.2f} h audio, {task.fields[rate]:.1f} seg/s"),
+            TextColumn(f"[bold]{title}"), BarColumn(bar_width=16), MofNCompleteColumn(), TextColumn("files"),
+            TextColumn("{task.fields[segments]} seg, {task.fields[rate]:.1f}/s"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             console=console, disable=not enabled, transient=False,
         )

@@ -239,3 +239,35 @@ def test_query_help_explains_the_default_filter():
     out = cli("query", "--help", env={"COLUMNS": "80"})
     assert "top predicted label" in " ".join(out.split()) and "audiosearch labels" in out
     assert "<bool>" not in out and "--k " not in out and "-k N" in out
+
+
+# -- 7. refusals and file identity --------------------------------------------
+def test_other_hop_on_an_existing_index_is_refused(library, tiny_model, tmp_path):
+    index = tmp_path / "idx"
+    cli("ingest", library / "tones", "--index", index, "--model", tiny_model)
+    out = cli("ingest", library / "noise", "--index", index, "--hop", "5", code=1)
+    assert "cuts segments every 10.24 s, not 5 s" in out
+    cli("ingest", library / "noise", "--index", index, "--hop", "10.24")
+
+
+def test_symlink_and_target_are_indexed_once(library, tiny_model, tmp_path):
+    lib = shutil.copytree(library / "tones", tmp_path / "lib")
+    (lib / "alias.wav").symlink_to(lib / "a440.wav")
+    summary = json.loads(cli("ingest", lib, "--index", tmp_path / "idx", "--model", tiny_model, "--json"))
+    assert summary["added"] == 2
+    paths = {row["path"] for row in json.loads(cli("query", lib / "a440.wav", "--index", tmp_path / "idx",
+                                                       "--json", "--no-filter"))["hits"]}
+    assert str(lib / "a440.wav") in paths and str(lib / "alias.wav") not in paths
+
+
+def test_progress_bar_fits_80_columns():
+    from audiosearch.embedder import FileEmbedding
+    from audiosearch.render import IngestBar
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=80, force_terminal=True, color_system=None)
+    with IngestBar(console) as bar:
+        bar.start(12345)
+        bar.update(FileEmbedding(None, "x.wav", "ok", duration=3600.0))
+    last = [line for line in buf.getvalue().replace("\r", "\n").splitlines() if "ETA" in line][-1]
+    assert len(last.rstrip()) <= 80 and last.rstrip()[-7:].count(":") == 2  # ETA h:mm:ss shown whole
