@@ -334,6 +334,7 @@ def export(
     output: OutputOpt = Path("features.parquet"),
     top_labels: TopLabelsOpt = None,
     float16: Float16Opt = False,
+    tokens: Annotated[bool, typer.Option("--tokens", hidden=True)] = False,  # not offered: explained if tried
     as_json: JsonOpt = False,
 ) -> None:
     """Write the features an index holds to a file, as stored: nothing is recomputed.
@@ -346,6 +347,8 @@ def export(
     """
     from .export import export_index
 
+    if tokens:
+        raise AudiosearchError("an index keeps no patch tokens; use 'audiosearch embed --tokens' to compute them")
     summary = export_index(index, output, top_labels=top_labels, float16=float16)
     _show_export(summary, as_json)
 

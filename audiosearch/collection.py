@@ -233,7 +233,9 @@ class Collection:
     def writing(self) -> Iterator[None]:
         """Hold the index's write lock, or fail at once with a clear message."""
         if not self._try_lock():
-            raise IndexLocked(f"another audiosearch process is writing to {self.dir}; wait for it to finish")
+            holder = self._lock_holder()
+            pid = f" (pid {holder})" if holder else ""
+            raise IndexLocked(f"another audiosearch process{pid} is writing to {self.dir}; wait for it to finish")
         try:
             yield
         finally:
@@ -249,10 +251,19 @@ class Collection:
             os.close(fd)
             return False
         self._lock_fd = fd
+        os.ftruncate(fd, 0)  # the holder's pid, for the message another writer gets
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return True
+
+    def _lock_holder(self) -> int | None:
+        try:
+            return int((self.dir / LOCK_FILE).read_text().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)  # no stale pid for the next refusal to name
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -291,7 +291,9 @@ def print_doctor(console: Console, report: DoctorReport) -> None:
         console.print("after repair:" if left else "[green]after repair: all problems fixed[/]")
         _print_findings(console, left)
     if not report.ok:
-        hint = "" if report.remaining is not None else "; 'audiosearch doctor --repair' fixes those marked fixable"
+        fixable = any(f.problem and f.repairable for f in report.findings)
+        hint = ("" if report.remaining is not None else "; 'audiosearch doctor --repair' fixes those marked fixable"
+                if fixable else "; --repair cannot fix these: each line says what to do")
         console.print(f"[red]the index has problems[/]{hint}", highlight=False)
 
 

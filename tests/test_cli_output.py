@@ -271,3 +271,56 @@ def test_progress_bar_fits_80_columns():
         bar.update(FileEmbedding(None, "x.wav", "ok", duration=3600.0))
     last = [line for line in buf.getvalue().replace("\r", "\n").splitlines() if "ETA" in line][-1]
     assert len(last.rstrip()) <= 80 and last.rstrip()[-7:].count(":") == 2  # ETA h:mm:ss shown whole
+
+
+# -- doctor's wording ---------------------------------------------------------
+@pytest.fixture
+def own_index(library, tiny_model, tmp_path) -> tuple[Path, Path]:
+    lib = shutil.copytree(library / "tones", tmp_path / "lib")
+    cli("ingest", lib, "--index", tmp_path / "idx", "--model", tiny_model)
+    return lib, tmp_path / "idx"
+
+
+def test_doctor_calls_a_hidden_file_unreadable_and_passes(own_index, monkeypatch):
+    import audiosearch.doctor as doctor_module
+
+    lib, index = own_index
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):  # as a folder without read permission looks to a non-root user
+        if str(path).startswith(str(lib)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(doctor_module.os, "stat", stat)
+    monkeypatch.setattr(doctor_module.os, "lstat", stat)
+    out = cli("doctor", "--index", index)
+    assert "2 indexed files cannot be checked" in out and "gone from disk" not in out
+
+
+def test_doctor_says_when_nothing_is_fixable(own_index):
+    lib, index = own_index
+    (lib / "a440.wav").unlink()
+    out = cli("doctor", "--index", index, code=1)
+    assert "gone from disk" in out and "--repair cannot fix these" in out and "marked fixable" not in out
+
+
+def test_doctor_says_what_a_query_does_about_a_missing_faiss_file(own_index):
+    _, index = own_index
+    (index / "vectors.faiss").unlink()
+    out = cli("doctor", "--index", index, code=1)
+    assert "the next query rebuilds it from SQLite and saves it" in " ".join(out.split())
+
+
+def test_lock_message_names_the_holder(own_index):
+    lib, index = own_index
+    hold = ("import sys, time; from audiosearch.collection import Collection; c = Collection(sys.argv[1]); "
+            "w = c.writing(); w.__enter__(); print('locked', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(index)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        out = cli("ingest", lib, "--index", index, code=1)
+        assert f"(pid {holder.pid}) is writing to" in out
+    finally:
+        holder.kill()
+        holder.wait()
