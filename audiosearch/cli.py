@@ -24,7 +24,8 @@ from .errors import AudiosearchError
 
 EXIT_CODES = """\b
 Exit codes: 0 done; 1 error (nothing or only part was done, see the message);
-2 bad command line; 3 ingest done, but some files failed (listed);
+2 bad command line; 3 ingest done, but some files failed or some folders
+could not be read (listed);
 130 interrupted."""
 
 app = typer.Typer(
@@ -34,7 +35,7 @@ app = typer.Typer(
 )
 out = Console()
 err = Console(stderr=True)
-EXIT_FILES_FAILED = 3  # ingest finished, but some files could not be read (they are listed)
+EXIT_FILES_FAILED = 3  # ingest finished, but some files or folders could not be read (they are listed)
 
 IndexOpt = Annotated[
     Path, typer.Option("--index", envvar="AUDIOSEARCH_INDEX", show_envvar=True, metavar="DIR",
@@ -111,7 +112,8 @@ def ingest(
 ) -> None:
     """Embed new and changed audio under PATHS into the index.
 
-    Exit code 3 means the run finished but some files failed (they are listed).
+    Exit code 3 means the run finished but some files failed or some folders
+    could not be read (they are listed).
 
     \b
     Example:
@@ -130,7 +132,7 @@ def ingest(
         print(json.dumps(summary_dict(summary), ensure_ascii=False))
     else:
         print_summary(out, summary)
-    if summary.failed:
+    if summary.failed or summary.unlisted_folders:
         raise typer.Exit(EXIT_FILES_FAILED)
 
 

@@ -66,7 +66,7 @@ def embed_to_file(
     hop = hop_seconds or SEGMENT_SECONDS
     embedder = Embedder(model or DEFAULT_MODEL, device=device, precision=precision, batch_size=batch_size,
                         workers=workers, hop_seconds=hop, tokens=tokens)
-    summary = ExportSummary(output=str(output), ignored=ignored)
+    summary = ExportSummary(output=str(output), ignored=len(ignored))
     summary.failed.extend((u.path, u.reason) for u in unreadable)  # unlistable folders, names SQLite can't hold
     if progress:
         progress.start(len(disk))

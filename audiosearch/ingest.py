@@ -74,6 +74,7 @@ class IngestSummary(Tally):
     ignored: int = 0
     ignored_files: list[str] = field(default_factory=list)  # non-audio names, by path
     earlier_failures: int = 0  # unchanged files that failed or were skipped by an earlier run
+    unlisted_folders: list[tuple[str, str]] = field(default_factory=list)  # folders that could not be read
     wall_seconds: float = 0.0
     index: SyncReport | None = None
     prints: PrintSyncReport | None = None
@@ -122,8 +123,7 @@ def ingest(
     started = time.perf_counter()
     roots = [Path(os.path.abspath(p)) for p in paths]
     unreadable: list[Unreadable] = []
-    ignored_files: list[str] = []
-    disk, ignored = scan(roots, unreadable, ignored_files)
+    disk, ignored_files = scan(roots, unreadable)
     collection = Collection(index_dir, create=True, device=device)
     try:
         with collection.writing():
@@ -136,7 +136,7 @@ def ingest(
             )
     finally:
         collection.close()
-    summary.ignored, summary.ignored_files = ignored, ignored_files
+    summary.ignored, summary.ignored_files = len(ignored_files), ignored_files
     summary.wall_seconds = time.perf_counter() - started
     return summary
 
@@ -151,8 +151,9 @@ def _ingest_locked(collection: Collection, roots: list[Path], disk: list[DiskFil
     _fingerprint_unprinted(plan, store.unprinted_paths())
     summary = IngestSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.remove), pruned=prune,
                             earlier_failures=plan.unchanged_failed)
-    summary.failed.extend((u.path, u.reason + ("; the files indexed from it are kept" if u.folder else ""))
-                          for u in unreadable)
+    summary.failed.extend((u.path, u.reason) for u in unreadable if not u.folder)
+    summary.unlisted_folders.extend((u.path, u.reason + "; the files indexed from it are kept")
+                                    for u in unreadable if u.folder)
     if plan.remove or plan.moves or plan.touches:  # a transaction would bump the generation for nothing
         with store.transaction():
             store.delete_files(plan.remove)
@@ -195,28 +196,25 @@ def _check_hop(collection: Collection, hop_seconds: float | None) -> None:
         )
 
 
-def scan(roots: list[Path], unreadable: list[Unreadable] | None = None,
-         ignored_files: list[str] | None = None) -> tuple[list[DiskFile], int]:
-    """Audio files under the given files and folders (symlinks followed, loops cut), and how many others were ignored.
+def scan(roots: list[Path], unreadable: list[Unreadable] | None = None) -> tuple[list[DiskFile], list[str]]:
+    """Audio files under the given files and folders (symlinks followed, loops cut), and the others, ignored.
 
     A file reached by two names (a symlink and its target, or hard links) is listed once, by its real path
     when that is under the scanned paths (see `_preferred`).
 
     Folders that cannot be listed and names that are not valid UTF-8 (SQLite keeps text as UTF-8) are
-    appended to `unreadable`, the ignored (non-audio) paths to `ignored_files`. A broken or looping symlink with an audio name is returned, with the
+    appended to `unreadable`. A broken or looping symlink with an audio name is returned, with the
     link's own size and time, so that it is recorded as failed rather than silently left out.
     """
     unreadable = [] if unreadable is None else unreadable
     found: dict[tuple[int, int], DiskFile] = {}  # by (device, inode): a file reached twice is indexed once
-    ignored = 0
+    ignored: list[str] = []
     for root in roots:
         if not root.exists():
             raise AudiosearchError(f"no such file or folder: {root}")
         for path in _walk(root, unreadable):
             if not is_audio_path(Path(path)):
-                ignored += 1
-                if ignored_files is not None:
-                    ignored_files.append(path)
+                ignored.append(path)
             elif not _utf8(path):
                 shown = os.fsencode(path).decode("utf-8", "backslashreplace")
                 unreadable.append(Unreadable(shown, "file name is not valid UTF-8; rename the file to index it"))

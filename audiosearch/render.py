@@ -57,6 +57,7 @@ def summary_dict(s: IngestSummary) -> dict:
     data = asdict(s)
     data["failed"] = [{"path": p, "error": e} for p, e in s.failed]
     data["skipped"] = [{"path": p, "reason": e} for p, e in s.skipped]
+    data["unlisted_folders"] = [{"path": p, "error": e} for p, e in s.unlisted_folders]
     data["segments_per_second"] = round(s.segments_per_second, 3)
     return data
 
@@ -66,7 +67,8 @@ def print_summary(console: Console, s: IngestSummary) -> None:
     console.print(
         f"[bold]{s.added}[/] added, {s.updated} updated, {s.unchanged} unchanged, {s.moved} moved{removed}, "
         f"[{'red' if s.failed else 'green'}]{len(s.failed)} failed[/], {len(s.skipped)} skipped, "
-        f"{s.ignored} non-audio ignored",
+        f"{s.ignored} non-audio ignored" + (f", {plural(len(s.unlisted_folders), 'folder')} unreadable"
+                                            if s.unlisted_folders else ""),
         soft_wrap=True, highlight=False,
     )
     if s.segments or s.added or s.updated:
@@ -85,11 +87,17 @@ def print_summary(console: Console, s: IngestSummary) -> None:
         what = "rebuilt" if s.index.rebuilt else "updated"
         why = f" ({s.index.reason})" if s.index.reason else ""
         console.print(f"vector index {what}{why}: +{s.index.added} / -{s.index.removed}", soft_wrap=True)
-    for kind, rows in (("failed", s.failed), ("skipped", s.skipped)):
+    for kind, rows in (("failed", s.failed), ("skipped", s.skipped), ("unreadable folder", s.unlisted_folders)):
         for path, error in rows:
             console.print(f"  {kind}: {path}: {error}", highlight=False, markup=False, soft_wrap=True)
+    if len(s.ignored_files) > IGNORED_SHOWN:
+        console.print(f"  {s.ignored} non-audio files ignored (--json lists them)", highlight=False)
+        return
     for path in s.ignored_files:
         console.print(f"  ignored (not audio by its name): {path}", highlight=False, markup=False, soft_wrap=True)
+
+
+IGNORED_SHOWN = 10  # non-audio files named one by one; above this only counted (all are in --json)
 
 
 def export_dict(s: ExportSummary) -> dict:

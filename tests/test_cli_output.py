@@ -324,3 +324,56 @@ def test_lock_message_names_the_holder(own_index):
     finally:
         holder.kill()
         holder.wait()
+
+
+# -- 6. formats libsndfile cannot read ----------------------------------------
+def encode(path: Path, samples, rate: int, codec: str) -> Path:
+    """Write a mono float signal with FFmpeg's encoders (PyAV, a test dependency)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(np.asarray(samples, np.float32)[None, :], format="flt", layout="mono")
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("name,codec,rate", [("white.m4a", "aac", None), ("white.webm", "libopus", 48000)])
+def test_aac_and_webm_are_decoded_and_found(index, library, tmp_path, name, codec, rate):
+    import soundfile as sf
+    import soxr
+
+    data, source_rate = sf.read(library / "noise" / "white.flac", dtype="float32")
+    if rate:
+        data = soxr.resample(data, source_rate, rate)
+    clip = encode(tmp_path / name, data, rate or source_rate, codec)
+    hits = json.loads(cli("query", clip, "--index", index, "--json", "--no-filter"))["hits"]
+    assert hits[0]["path"] == str(library / "noise" / "white.flac")
+
+
+def test_container_without_ffmpeg_is_named(library, tiny_model, tmp_path, monkeypatch):
+    import builtins
+
+    import audiosearch.containers as containers
+
+    lib = shutil.copytree(library / "tones", tmp_path / "lib")
+    encode(lib / "song.m4a", [0.1] * 16000, 16000, "aac")
+    real_import = builtins.__import__
+
+    def no_av(name, *args, **kwargs):
+        if name == "av":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_av)
+    monkeypatch.setattr(containers.shutil, "which", lambda name: None)
+    summary = json.loads(cli("ingest", lib, "--index", tmp_path / "idx", "--model", tiny_model, "--workers", "0",
+                             "--json", code=3))
+    assert summary["failed"] == [{"path": str(lib / "song.m4a"),
+                                  "error": "needs ffmpeg to decode M4A (apt install ffmpeg, or pip install av)"}]
+    errors = json.loads(cli("info", "--index", tmp_path / "idx", "--errors", "--json"))["errors"]
+    assert [e["path"] for e in errors] == [str(lib / "song.m4a")]
