@@ -38,8 +38,8 @@ err = Console(stderr=True)
 EXIT_FILES_FAILED = 3  # ingest finished, but some files or folders could not be read (they are listed)
 
 IndexOpt = Annotated[
-    Path, typer.Option("--index", envvar="AUDIOSEARCH_INDEX", show_envvar=True, metavar="DIR",
-                       help="Index directory.")
+    Optional[Path], typer.Option("--index", envvar="AUDIOSEARCH_INDEX", show_envvar=True, metavar="DIR",
+                                 help="Index directory [default: ~/.local/share/audiosearch/default].")
 ]
 ModelOpt = Annotated[
     Optional[str],
@@ -53,7 +53,7 @@ WorkersOpt = Annotated[Optional[int], typer.Option(
     "--workers", min=0, metavar="N", help="Decoding processes; 0 decodes in this process (default: 1 on a CPU, cores-1 on a GPU).")]
 HopOpt = Annotated[Optional[float], typer.Option("--hop", min=0.1, metavar="SECONDS", help="Seconds between segment starts (default: 10.24).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (errors as JSON on stderr).")]
-DEFAULT_INDEX = Path("indexes/default")
+DEFAULT_INDEX = None  # resolved by `friendly`: see locations.default_index
 
 
 def friendly(fn):
@@ -62,6 +62,8 @@ def friendly(fn):
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            if "index" in kwargs and kwargs["index"] is None:
+                kwargs["index"] = _default_index(quiet=bool(kwargs.get("as_json")))
             return fn(*args, **kwargs)
         except AudiosearchError as e:
             if kwargs.get("as_json"):
@@ -90,6 +92,15 @@ def main(
         "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
 ) -> None:
     """Find audio by how it sounds: AST embeddings and AudioSet labels, SQLite + FAISS."""
+
+
+def _default_index(*, quiet: bool) -> Path:
+    from .locations import default_index
+
+    index, note = default_index()
+    if note and not quiet:
+        err.print(note, highlight=False, markup=False, soft_wrap=True)
+    return index
 
 
 @app.command()

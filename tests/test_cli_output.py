@@ -377,3 +377,20 @@ def test_container_without_ffmpeg_is_named(library, tiny_model, tmp_path, monkey
                                   "error": "needs ffmpeg to decode M4A (apt install ffmpeg, or pip install av)"}]
     errors = json.loads(cli("info", "--index", tmp_path / "idx", "--errors", "--json"))["errors"]
     assert [e["path"] for e in errors] == [str(lib / "song.m4a")]
+
+
+# -- 8. the default index -----------------------------------------------------
+def test_default_index_is_per_user_and_the_old_one_is_still_read(library, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.delenv("AUDIOSEARCH_INDEX", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    cli("ingest", library / "tones", "--model", tiny_model)
+    assert (tmp_path / "data" / "audiosearch" / "default" / "audiosearch.db").exists()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert json.loads(cli("info", "--json"))["files"] == {"ok": 2}
+    cli("ingest", library / "clicks", "--index", "indexes/default", "--model", tiny_model)
+    result = runner.invoke(app, ["info", "--json"])
+    assert json.loads(result.stdout)["files"] == {"ok": 1} and result.stderr == ""  # --json: no note
+    result = runner.invoke(app, ["labels"])
+    assert "using ./indexes/default, the old default index" in result.stderr
