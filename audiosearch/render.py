@@ -86,15 +86,17 @@ def print_summary(console: Console, s: IngestSummary) -> None:
     if s.index is not None and (s.index.added or s.index.removed or s.index.rebuilt):
         what = "rebuilt" if s.index.rebuilt else "updated"
         why = f" ({s.index.reason})" if s.index.reason else ""
-        console.print(f"vector index {what}{why}: +{s.index.added} / -{s.index.removed}", soft_wrap=True)
+        console.print(f"vector index {what}{why}: +{s.index.added} / -{s.index.removed}", soft_wrap=True,
+                      highlight=False)
     for kind, rows in (("failed", s.failed), ("skipped", s.skipped), ("unreadable folder", s.unlisted_folders)):
         for path, error in rows:
-            console.print(f"  {kind}: {path}: {error}", highlight=False, markup=False, soft_wrap=True)
+            console.print(f"  {kind}: {shown_path(path)}: {error}", highlight=False, markup=False, soft_wrap=True)
     if len(s.ignored_files) > IGNORED_SHOWN:
         console.print(f"  {s.ignored} non-audio files ignored (--json lists them)", highlight=False)
         return
     for path in s.ignored_files:
-        console.print(f"  ignored (not audio by its name): {path}", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"  ignored (not audio by its name): {shown_path(path)}", highlight=False, markup=False,
+                      soft_wrap=True)
 
 
 IGNORED_SHOWN = 10  # non-audio files named one by one; above this only counted (all are in --json)

@@ -49,6 +49,7 @@ def set_discriminative_head(path: Path, clips: list[tuple[np.ndarray, str]]) -> 
         net.classifier.dense.weight.copy_(weight)
         net.classifier.dense.bias.copy_(bias)
     net.save_pretrained(path, safe_serialization=True)
+    syn.readable_by_all(path)
 
 
 def write(path: Path, samples: np.ndarray, rate: int, channels: int = 1, **kwargs) -> Path:

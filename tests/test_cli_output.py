@@ -394,3 +394,15 @@ def test_default_index_is_per_user_and_the_old_one_is_still_read(library, tiny_m
     assert json.loads(result.stdout)["files"] == {"ok": 1} and result.stderr == ""  # --json: no note
     result = runner.invoke(app, ["labels"])
     assert "using ./indexes/default, the old default index" in result.stderr
+
+
+# -- 9. the README's quick start, run as written ------------------------------
+def test_readme_quick_start_runs_as_written_and_prints_what_it_shows(tmp_path):
+    from tests.demo import README, comparable, quick_start_commands, readme_block, run_quick_start
+
+    text = README.read_text()
+    start, end = readme_block(text)
+    commands = quick_start_commands(text)
+    assert commands[0] == "audiosearch ingest library --model tiny-ast"
+    fresh = run_quick_start(commands, tmp_path)
+    assert comparable(fresh) == comparable(text[start:end]), "README drifted: run `python -m tests.demo --readme`"
