@@ -27,6 +27,9 @@ def save_random_checkpoint(path: str | Path, seed: int = 0, **config) -> Path:
     """Save a randomly initialised ASTForAudioClassification (ASTConfig defaults unless overridden)."""
     import torch
     from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per shard written: noise in tests and the demo
 
     labels = audioset_labels()
     torch.manual_seed(seed)

@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 from audiosearch import synthetic as syn
@@ -25,6 +26,8 @@ _TIMES = re.compile(r"\d+(\.\d+)? s \(\d+\.\d+ segments/s\)|\d+\.\d+/s|\d+:\d\d:
 
 
 def main(root: str = "demo") -> None:
+    # the reference extractor's numpy mel bank warns of an all-zero filter: harmless noise here
+    warnings.filterwarnings("ignore", message="At least one mel filter has all zero values", category=UserWarning)
     library = make_library(Path(root) / "library")
     model = syn.save_random_checkpoint(Path(root) / "tiny-ast", **TINY_CONFIG)
     set_discriminative_head(model, labelled_segments(library))
