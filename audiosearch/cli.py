@@ -275,20 +275,17 @@ def remove(
         audiosearch remove library/old_takes
     """
     from .collection import remove_files
+    from .render import plural
 
     removed, unknown = remove_files(index, paths)
     if as_json:
         print(json.dumps({"removed": removed, "not_indexed": unknown}, ensure_ascii=False))
     else:
-        out.print(f"{_count(len(removed), 'file')} removed from the index", highlight=False)
+        out.print(f"{plural(len(removed), 'file')} removed from the index", highlight=False)
         for path in unknown:
             out.print(f"  not in the index: {path}", highlight=False, markup=False, soft_wrap=True)
     if unknown and not removed:
         raise typer.Exit(1)
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 OutputOpt = Annotated[

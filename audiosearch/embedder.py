@@ -78,6 +78,21 @@ class Tally:
         return result.status == "ok"
 
 
+def expand_folders(paths: Iterable[str | Path]) -> tuple[list[str], list]:
+    """Files as given, folders replaced by the audio files under them; and what could not be listed."""
+    from .ingest import Unreadable, scan  # ingest builds on this module
+
+    files: list[str] = []
+    unreadable: list[Unreadable] = []
+    for p in paths:
+        if Path(p).is_dir():
+            found, _ = scan([Path(os.path.abspath(p))], unreadable)
+            files.extend(f.path for f in found)
+        else:
+            files.append(str(p))
+    return files, unreadable
+
+
 def default_batch_size(device: torch.device) -> int:
     """GPUs want big batches. On a CPU throughput levels off by 8 (bf16 AST, 2-core AMX Xeon:
     3.2 segments/s at 2, 3.35 at 4, 3.45 at 8 and 16; BENCHMARKS.md)."""
@@ -144,8 +159,15 @@ class Embedder:
         self._in_flight: tuple[list[tuple[_Job, int, Segment]], PendingOutput] | None = None
 
     def embed_files(self, paths: Iterable[str | Path]) -> Iterator[FileEmbedding]:
-        """Yield one FileEmbedding per path, in completion order; bad files come back with an error."""
-        return self.run((str(p), str(p)) for p in paths)
+        """Yield one FileEmbedding per file, in completion order; bad files come back with an error.
+
+        A folder stands for the audio files under it, found as `ingest` and `embed` find them
+        (recursively, by extension); a folder that cannot be listed comes back as a failed entry.
+        """
+        files, unreadable = expand_folders(paths)
+        for u in unreadable:
+            yield FileEmbedding(u.path, u.path, "failed", u.reason)
+        yield from self.run((p, p) for p in files)
 
     def embed_waveform(self, samples: np.ndarray, sample_rate: int) -> list[SegmentEmbedding]:
         """Embed an in-memory signal ([n] or [n, channels]) at any sample rate."""

@@ -127,8 +127,10 @@ def _size(n: int) -> str:
 
 
 def plural(n: int, noun: str) -> str:
-    """'1 segment', '2 segments'."""
-    return f"{n} {noun}" + ("" if n == 1 else "s")
+    """'1 segment', '2 segments', '2 searches'."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun}" + ("es" if noun.endswith(("s", "sh", "ch", "x")) else "s")
 
 
 def clock(seconds: float) -> str:

@@ -406,3 +406,17 @@ def test_readme_quick_start_runs_as_written_and_prints_what_it_shows(tmp_path):
     assert commands[0] == "audiosearch ingest library --model tiny-ast"
     fresh = run_quick_start(commands, tmp_path)
     assert comparable(fresh) == comparable(text[start:end]), "README drifted: run `python -m tests.demo --readme`"
+
+
+def test_embed_files_expands_folders(library, tiny_model):
+    from audiosearch import Embedder
+
+    embedder = Embedder(str(tiny_model), device="cpu", precision="fp32", workers=0)
+    results = list(embedder.embed_files([library / "tones", library / "noise" / "white.flac"]))
+    assert sorted(Path(r.path).name for r in results) == ["a440.wav", "e660.flac", "white.flac"]
+    assert all(r.status == "ok" and r.segments for r in results)
+
+
+def test_explain_shows_each_distinct_plan_once(index, library):
+    out = cli("query", library / "music" / "mixed_40s.wav", "--index", index, "--no-filter", "--explain")
+    assert out.count("strategy:") == 1 and "4x strategy:" in out and "4 searches" in out
