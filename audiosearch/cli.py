@@ -173,15 +173,13 @@ def query(
 ) -> None:
     """Find the library items that sound most like each CLIP.
 
-    By default results are filtered by the clip's top predicted label, so
-    fewer than -k rows can come back; --label NAME picks the label instead
-    (see 'audiosearch labels' for names), --no-filter searches everything.
-    With --json each clip prints one JSON object per line (schema: README).
-
-    Verified duplicates (the same recording, even re-encoded, cut, noisy, sped up or
-    pitch-shifted) come first, with where they match; then similar items from the
-    embeddings, filtered by the clip's top label (or --label). The filter never hides
-    a duplicate.
+    Verified duplicates (the same recording, even re-encoded, cut, noisy, sped
+    up or pitch-shifted) come first, with where they match; then similar items
+    from the embeddings, filtered by the clip's top predicted label, so fewer
+    than -k rows can come back. --label NAME picks the label instead (see
+    'audiosearch labels' for names), --no-filter searches everything. The
+    filter never hides a duplicate. With --json each clip prints one JSON
+    object per line (schema: README).
 
     \b
     Example:

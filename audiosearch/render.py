@@ -161,7 +161,9 @@ def shorten_left(text: str, width: int) -> str:
     if len(text) <= width:
         return text
     tail = text[len(text) - max(width - 1, 1):]
-    slash = tail.find("/", 1)
+    if tail.startswith("/"):
+        return "…" + tail
+    slash = tail.find("/")
     return "…" + (tail[slash:] if 0 < slash < len(tail) - 1 else tail)
 
 
@@ -194,15 +196,20 @@ PATH_MIN = 16  # a path is never shortened below this
 
 
 def hit_columns(*, piped: bool) -> list[str]:
-    """The query table's columns (piped: start and end in seconds); a new column goes here and in `hit_row`."""
-    segment = ["start", "end"] if piped else ["segment"]
-    return ["rank", "similarity", "path", *segment, "labels"]
+    """The query table's columns (piped: the match's kind, then start and end in seconds);
+    a new column goes here and in `hit_row`."""
+    match = ["match", "start", "end"] if piped else ["match"]
+    return ["rank", "similarity", "path", *match, "labels"]
 
 
 def hit_row(hit, *, piped: bool) -> list[str]:
     labels = ", ".join(f"{name} ({score:.2f})" for name, score in hit.labels[:3])
-    segment = [f"{hit.start:.2f}", f"{hit.end:.2f}"] if piped else [f"{clock(hit.start)}-{clock(hit.end)} s"]
-    return [str(hit.rank), f"{hit.similarity:.4f}", shown_path(hit.path), *segment, labels]
+    if piped:
+        start, end = (hit.match.start, hit.match.end) if hit.match is not None else (hit.start, hit.end)
+        match = [hit.kind, f"{start:.2f}", f"{end:.2f}"]
+    else:
+        match = [match_text(hit)]
+    return [str(hit.rank), f"{hit.similarity:.4f}", shown_path(hit.path), *match, labels]
 
 
 def print_hits(console: Console, result: QueryResult) -> None:
@@ -227,8 +234,8 @@ def print_hits(console: Console, result: QueryResult) -> None:
 
 
 def match_text(hit) -> str:
-    """"duplicate 0:03.2–0:09.2 ×1.05" (the matched library range, speed; pitch when it differs),
-    or "similar 0:10.2–0:20.5" (the closest segment)."""
+    """"duplicate 3.20–9.20 ×1.05" (the matched library range, speed; pitch when it differs),
+    or "similar 10.24–20.48" (the closest segment); times past a minute as m:ss.ss."""
     match = hit.match
     if match is None:
         return f"similar {clock(hit.start)}–{clock(hit.end)}"

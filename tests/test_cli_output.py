@@ -108,14 +108,14 @@ def test_table_at_80_columns_keeps_paths_whole_and_shortens_from_the_left():
     assert all(len(line) <= 80 for line in text.splitlines())
     path_lines = [line for line in text.splitlines() if "the_file_name.flac" in line]
     assert len(path_lines) == 1 and "…" in path_lines[0]  # one line, file name whole, left end elided
-    assert "1:02:05.00-1:02:15.24 s" in text
+    assert "similar 1:02:05.00–1:02:15.24" in text
 
 
 def test_piped_query_is_tab_separated_one_row_per_line(index, tiny_model, library):
     out = cli("query", library / "tones" / "a440.wav", "--index", index, "--no-filter", "-k", "3")
     rows = [line.split("\t") for line in out.splitlines() if "\t" in line]
-    assert rows[0] == ["rank", "similarity", "path", "start", "end", "labels"]
-    assert len(rows) == 4 and all(len(r) == 6 for r in rows)
+    assert rows[0] == ["rank", "similarity", "path", "match", "start", "end", "labels"]
+    assert len(rows) == 4 and all(len(r) == 7 for r in rows)
     assert any(r[2].endswith("a440.wav") for r in rows[1:])
 
 
@@ -157,10 +157,11 @@ def test_query_json_schema(index, library):
     obj = json.loads(cli("query", library / "tones" / "e660.flac", "--index", index, "--json", "-k", "2"))
     assert obj["format_version"] == FORMAT_VERSION == 1
     assert set(obj) == {"format_version", "clip", "query_segments", "query_labels", "filter", "matching_segments",
-                        "hits"}
+                        "duplicates", "hits"}
     assert obj["filter"] == {"labels": ["Sine wave"], "source": "top label"}
     assert obj["query_labels"][0]["label"] == "Sine wave" and obj["matching_segments"] >= len(obj["hits"])
-    assert set(obj["hits"][0]) == {"rank", "similarity", "path", "start", "end", "labels", "segment_id"}
+    assert set(obj["hits"][0]) == {"rank", "similarity", "path", "start", "end", "labels", "segment_id", "file_id",
+                                   "match"}
     unfiltered = json.loads(cli("query", library / "tones" / "e660.flac", "--index", index, "--json", "--no-filter"))
     assert unfiltered["filter"] is None
 
