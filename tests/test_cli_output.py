@@ -238,7 +238,8 @@ def test_read_only_commands_do_not_import_torch(index, tmp_path, command):
 
 def test_query_help_explains_the_default_filter():
     out = cli("query", "--help", env={"COLUMNS": "80"})
-    assert "top predicted label" in " ".join(out.split()) and "audiosearch labels" in out
+    text = " ".join(out.split())
+    assert "filtered by the clip's top predicted label" in text and "'audiosearch labels'" in text
     assert "<bool>" not in out and "--k " not in out and "-k N" in out
 
 
