@@ -8,6 +8,7 @@ segments of `SEGMENT_SECONDS`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from .containers import FFMPEG_EXTENSIONS, decode_with_ffmpeg, needs_ffmpeg
 from .errors import AudioDecodeError
 
 SAMPLE_RATE = 16_000  # Hz, what AST was trained on
@@ -66,7 +68,9 @@ class Segment:
 
 
 def is_audio_path(path: Path) -> bool:
-    return path.suffix.lower() in AUDIO_EXTENSIONS
+    """Audio by its name: what libsndfile reads, and the containers FFmpeg decodes (see containers.py)."""
+    suffix = path.suffix.lower()
+    return suffix in AUDIO_EXTENSIONS or suffix in FFMPEG_EXTENSIONS
 
 
 def decode(path: str | Path) -> Audio:
@@ -93,6 +97,8 @@ def decode_into(path: str | Path, write: Callable[[np.ndarray], object]) -> tupl
     whole-file arrays, and the same samples, bit for bit (soxr streams exactly
     as it resamples in one shot). Raises AudioDecodeError as `decode` does.
     """
+    if needs_ffmpeg(path):
+        return _decode_container(path, write)
     try:
         with sf.SoundFile(str(path)) as f:
             _check_header(f)
@@ -115,9 +121,33 @@ def decode_into(path: str | Path, write: Callable[[np.ndarray], object]) -> tupl
     except AudioDecodeError:
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
-        raise AudioDecodeError(f"not readable audio: {_reason(e)}") from e
+        raise AudioDecodeError(why_unreadable(path) or f"not readable audio: {_reason(e)}") from e
     except MemoryError as e:
         raise AudioDecodeError("not enough memory to decode this file") from e
+
+
+def _decode_container(path: str | Path, write: Callable[[np.ndarray], object]) -> tuple[int, int]:
+    """AAC, WMA, WebM, ... through FFmpeg, then the same mixdown and soxr resampling as libsndfile's formats."""
+    state: dict[str, soxr.ResampleStream | None] = {}
+
+    def sink(block: np.ndarray, rate: int) -> None:
+        if "resampler" not in state:
+            state["resampler"] = None if rate == SAMPLE_RATE else soxr.ResampleStream(
+                rate, SAMPLE_RATE, 1, "float32", _QUALITY)
+        mono = _finite(mixdown(block))
+        resampler = state["resampler"]
+        out = mono if resampler is None else resampler.resample_chunk(mono)
+        if len(out):
+            write(out)
+
+    if why_unreadable(path):
+        raise AudioDecodeError(why_unreadable(path))
+    rate, channels = decode_with_ffmpeg(path, sink)
+    if state.get("resampler") is not None:
+        tail = state["resampler"].resample_chunk(np.empty(0, np.float32), last=True)
+        if len(tail):
+            write(tail)
+    return rate, channels
 
 
 def to_model_audio(data: np.ndarray, sample_rate: int) -> Audio:
@@ -191,6 +221,23 @@ def _check_header(f: sf.SoundFile) -> None:
         raise AudioDecodeError(f"absurd header: {f.samplerate} Hz, {f.channels} channels")
     if f.frames < 0 or f.frames / f.samplerate > MAX_SECONDS:
         raise AudioDecodeError(f"absurd header: claims {f.frames} frames at {f.samplerate} Hz")
+
+
+def why_unreadable(path: str | Path) -> str | None:
+    """A plainer reason than libsndfile's for the common cases: an empty file, a broken link, no permission."""
+    path = str(path)
+    try:
+        if os.stat(path).st_size == 0:
+            return "an empty file (0 bytes)"
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"a broken symlink (it points to {os.readlink(path)}, which does not exist)"
+        return None
+    except OSError:  # a symlink loop, a permission error on the way: the OS's own words are clear
+        return None
+    if not os.access(path, os.R_OK):
+        return "not readable: permission denied"
+    return None
 
 
 def _reason(e: Exception) -> str:

@@ -7,50 +7,69 @@ with exit code 1; no SQL, FAISS or torch here.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
 from .errors import AudiosearchError
 
+EXIT_CODES = """\b
+Exit codes: 0 done; 1 error (nothing or only part was done, see the message);
+2 bad command line; 3 ingest done, but some files failed or some folders
+could not be read (listed);
+130 interrupted."""
+
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-    help="Find audio by how it sounds: AST embeddings and AudioSet labels, SQLite + FAISS.",
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+    context_settings={"max_content_width": 100, "help_option_names": ["-h", "--help"]},
+    help="Find audio by how it sounds: AST embeddings and AudioSet labels, SQLite + FAISS.\n\n" + EXIT_CODES,
 )
 out = Console()
 err = Console(stderr=True)
+EXIT_FILES_FAILED = 3  # ingest finished, but some files or folders could not be read (they are listed)
 
 IndexOpt = Annotated[
-    Path, typer.Option("--index", envvar="AUDIOSEARCH_INDEX", help="Index directory (env: AUDIOSEARCH_INDEX).")
+    Optional[Path], typer.Option("--index", envvar="AUDIOSEARCH_INDEX", show_envvar=True, metavar="DIR",
+                                 help="Index directory [default: ~/.local/share/audiosearch/default].")
 ]
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", help="Hugging Face id or local checkpoint directory (default: the index's model, "
+    typer.Option("--model", metavar="ID|DIR", help="Hugging Face id or local checkpoint directory (default: the index's model, "
                  "else MIT/ast-finetuned-audioset-10-10-0.4593)."),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16.")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Segments per model batch.")]
-WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=0, help="Decoding processes.")]
-HopOpt = Annotated[Optional[float], typer.Option("--hop", min=0.1, help="Seconds between segment starts (default: 10.24).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-DEFAULT_INDEX = Path("indexes/default")
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto, cpu or cuda.")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", metavar="P", help="auto, fp32, bf16 or fp16.")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, metavar="N", help="Segments per model batch.")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", min=0, metavar="N", help="Decoding processes; 0 decodes in this process (default: 1 on a CPU, cores-1 on a GPU).")]
+HopOpt = Annotated[Optional[float], typer.Option("--hop", min=0.1, metavar="SECONDS", help="Seconds between segment starts (default: 10.24).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout (errors as JSON on stderr).")]
+DEFAULT_INDEX = None  # resolved by `friendly`: see locations.default_index
 
 
 def friendly(fn):
-    """Turn expected failures into one line and exit code 1."""
+    """Turn expected failures into one line (a JSON object with --json) and exit code 1."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            if "index" in kwargs and kwargs["index"] is None:
+                kwargs["index"] = _default_index(quiet=bool(kwargs.get("as_json")))
             return fn(*args, **kwargs)
         except AudiosearchError as e:
-            err.print(f"[bold red]Error:[/] {e}", highlight=False, soft_wrap=True)
+            if kwargs.get("as_json"):
+                print(json.dumps({"error": str(e), "type": type(e).__name__}, ensure_ascii=False), file=sys.stderr)
+            else:
+                err.print(f"[bold red]Error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
         except KeyboardInterrupt:
             err.print("Interrupted; committed work is kept and the next run resumes from there.")
@@ -59,10 +78,35 @@ def friendly(fn):
     return wrapper
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"audiosearch {version('audiosearch')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    show_version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+) -> None:
+    """Find audio by how it sounds: AST embeddings and AudioSet labels, SQLite + FAISS."""
+
+
+def _default_index(*, quiet: bool) -> Path:
+    from .locations import default_index
+
+    index, note = default_index()
+    if note and not quiet:
+        err.print(note, highlight=False, markup=False, soft_wrap=True)
+    return index
+
+
 @app.command()
 @friendly
 def ingest(
-    paths: Annotated[list[Path], typer.Argument(help="Audio files or folders (searched recursively).")],
+    paths: Annotated[list[Path], typer.Argument(metavar="PATH", help="Audio files or folders (searched recursively).")],
     index: IndexOpt = DEFAULT_INDEX,
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
@@ -73,11 +117,14 @@ def ingest(
     prune: Annotated[bool, typer.Option(help="Forget indexed files that are gone from these folders.")] = True,
     retry_failed: Annotated[bool, typer.Option(help="Try again files that failed before.")] = False,
     memory_budget: Annotated[Optional[float], typer.Option(
-        min=1e-9, help="GiB of vectors FAISS may hold as float32 before it stores them as float16; "
+        min=1e-9, metavar="GIB", help="GiB of vectors FAISS may hold as float32 before it stores them as float16; "
         "remembered by the index (default: 8).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed new and changed audio under PATHS into the index.
+
+    Exit code 3 means the run finished but some files failed or some folders
+    could not be read (they are listed).
 
     \b
     Example:
@@ -93,17 +140,22 @@ def ingest(
             memory_budget_gib=memory_budget, progress=bar,
         )
     if as_json:
-        print(json.dumps(summary_dict(summary)))
+        print(json.dumps(summary_dict(summary), ensure_ascii=False))
     else:
         print_summary(out, summary)
+    if summary.failed or summary.unlisted_folders:
+        raise typer.Exit(EXIT_FILES_FAILED)
 
 
 @app.command()
 @friendly
 def query(
-    clip: Annotated[Path, typer.Argument(help="An audio clip.")],
-    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Number of results.")] = 10,
-    label: Annotated[Optional[list[str]], typer.Option("--label", help="Keep items with this label (repeatable).")] = None,
+    clips: Annotated[list[str], typer.Argument(
+        metavar="CLIP", help="Audio clips to search with ('-' reads one from stdin).", show_default=False)],
+    k: Annotated[int, typer.Option("-k", min=1, metavar="N", help="Number of results per clip.")] = 10,
+    label: Annotated[Optional[list[str]], typer.Option(
+        "--label", metavar="NAME", help="Keep items with this label instead of the clip's top label (repeatable; "
+        "names: 'audiosearch labels').")] = None,
     no_filter: Annotated[bool, typer.Option("--no-filter", help="Do not filter by label.")] = False,
     segments: Annotated[bool, typer.Option("--segments", help="List segment hits, not one row per file.")] = False,
     duplicates_only: Annotated[bool, typer.Option("--duplicates-only", help="Only verified duplicates (same "
@@ -119,33 +171,54 @@ def query(
     precision: PrecisionOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
-    """Find the library items that sound most like CLIP.
+    """Find the library items that sound most like each CLIP.
 
-    Verified duplicates (the same recording, even re-encoded, cut, noisy, sped up or
-    pitch-shifted) come first, with where they match; then similar items from the
-    embeddings, filtered by the clip's top label (or --label). The filter never hides
-    a duplicate.
+    Verified duplicates (the same recording, even re-encoded, cut, noisy, sped
+    up or pitch-shifted) come first, with where they match; then similar items
+    from the embeddings, filtered by the clip's top predicted label, so fewer
+    than -k rows can come back. --label NAME picks the label instead (see
+    'audiosearch labels' for names), --no-filter searches everything. The
+    filter never hides a duplicate. With --json each clip prints one JSON
+    object per line (schema: README).
 
     \b
     Example:
         audiosearch query door_slam.wav -k 5 --label "Door"
     """
-    from .query import query as run_query
+    from .query import query_clips
     from .render import print_explain, print_hits
 
     if duplicates_only and similar_only:
         raise AudiosearchError("--duplicates-only and --similar-only exclude each other; give one of them")
     kinds = "duplicates" if duplicates_only else "similar" if similar_only else "all"
-    result = run_query(
-        clip, index_dir=index, k=k, labels=label, filter=not no_filter, per_file=not segments,
-        model=model, device=device, precision=precision, kinds=kinds, min_match_seconds=min_match,
-    )
-    if as_json:
-        print(json.dumps([hit.to_dict() for hit in result.hits], ensure_ascii=False))
-    else:
-        print_hits(out, result)
-    if explain:
-        print_explain(err if as_json else out, result)
+    with _stdin_clips(clips) as paths:
+        results = query_clips(
+            paths, index_dir=index, k=k, labels=label, filter=not no_filter, per_file=not segments,
+            model=model, device=device, precision=precision, kinds=kinds, min_match_seconds=min_match,
+        )
+        for n, result in enumerate(results):
+            if as_json:
+                print(json.dumps(result.to_dict(), ensure_ascii=False), flush=True)
+            else:
+                if len(paths) > 1:
+                    out.print(("\n" if n else "") + f"[bold]{escape(clips[n])}[/]", highlight=False)
+                print_hits(out, result)
+            if explain:
+                print_explain(err if as_json else out, result)
+
+
+@contextmanager
+def _stdin_clips(clips: list[str]) -> Iterator[list[str]]:
+    """The clips as paths, '-' replaced by a temporary file holding what stdin sent."""
+    if clips.count("-") > 1:
+        raise AudiosearchError("'-' (stdin) can be given once")
+    if "-" not in clips:
+        yield clips
+        return
+    with tempfile.NamedTemporaryFile(prefix="audiosearch-stdin-") as tmp:
+        shutil.copyfileobj(sys.stdin.buffer, tmp)
+        tmp.flush()
+        yield [tmp.name if c == "-" else c for c in clips]
 
 
 @app.command()
@@ -168,30 +241,61 @@ def info(
 
 @app.command()
 @friendly
-def labels(index: IndexOpt = DEFAULT_INDEX, as_json: JsonOpt = False) -> None:
-    """List predicted labels with the number of segments carrying each."""
+def labels(
+    index: IndexOpt = DEFAULT_INDEX,
+    all_labels: Annotated[bool, typer.Option("--all", help="List the model's whole vocabulary, "
+                                             "also labels no segment carries.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """List predicted labels with the number of segments carrying each (the names --label takes)."""
     from .collection import label_counts
 
-    counts = label_counts(index)
+    counts = label_counts(index, all_labels=all_labels)
     if as_json:
         print(json.dumps([{"label": name, "segments": n} for name, n in counts], ensure_ascii=False))
         return
-    table = Table("label", "segments")
-    for name, n in counts:
-        table.add_row(name, str(n))
-    out.print(table)
+    from .render import print_rows
+
+    print_rows(out, ["label", "segments"], [[name, str(n)] for name, n in counts])
+
+
+@app.command()
+@friendly
+def remove(
+    paths: Annotated[list[Path], typer.Argument(metavar="PATH", help="Indexed files, or folders whose indexed files go.")],
+    index: IndexOpt = DEFAULT_INDEX,
+    as_json: JsonOpt = False,
+) -> None:
+    """Drop files from the index; the files on disk are not touched.
+
+    \b
+    Example:
+        audiosearch remove library/old_takes
+    """
+    from .collection import remove_files
+    from .render import plural
+
+    removed, unknown = remove_files(index, paths)
+    if as_json:
+        print(json.dumps({"removed": removed, "not_indexed": unknown}, ensure_ascii=False))
+    else:
+        out.print(f"{plural(len(removed), 'file')} removed from the index", highlight=False)
+        for path in unknown:
+            out.print(f"  not in the index: {path}", highlight=False, markup=False, soft_wrap=True)
+    if unknown and not removed:
+        raise typer.Exit(1)
 
 
 OutputOpt = Annotated[
-    Path, typer.Option("-o", "--output", help="Feature file; the extension picks the format: .parquet, .npz or .npy.")
+    Path, typer.Option("-o", "--output", metavar="FILE", help="Feature file; the extension picks the format: .parquet, .npz or .npy.")
 ]
 TopLabelsOpt = Annotated[
-    Optional[int], typer.Option("--top-labels", min=1, help="Keep the N best labels per segment (names + scores).")
+    Optional[int], typer.Option("--top-labels", min=1, metavar="N", help="Keep the N best labels per segment (names + scores).")
 ]
 Float16Opt = Annotated[bool, typer.Option("--float16", help="Store embeddings, scores and tokens as float16.")]
 EmbedModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", help="Hugging Face id or local checkpoint directory "
+    typer.Option("--model", metavar="ID|DIR", help="Hugging Face id or local checkpoint directory "
                  "(default: MIT/ast-finetuned-audioset-10-10-0.4593)."),
 ]
 
@@ -199,7 +303,7 @@ EmbedModelOpt = Annotated[
 @app.command()
 @friendly
 def embed(
-    paths: Annotated[list[Path], typer.Argument(help="Audio files or folders (searched recursively).")],
+    paths: Annotated[list[Path], typer.Argument(metavar="PATH", help="Audio files or folders (searched recursively).")],
     output: OutputOpt = Path("features.parquet"),
     model: EmbedModelOpt = None,
     device: DeviceOpt = "auto",
@@ -238,10 +342,12 @@ def export(
     output: OutputOpt = Path("features.parquet"),
     top_labels: TopLabelsOpt = None,
     float16: Float16Opt = False,
-    tokens: Annotated[bool, typer.Option("--tokens", help="Not available: an index keeps no patch tokens.")] = False,
+    tokens: Annotated[bool, typer.Option("--tokens", hidden=True)] = False,  # not offered: explained if tried
     as_json: JsonOpt = False,
 ) -> None:
     """Write the features an index holds to a file, as stored: nothing is recomputed.
+
+    An index keeps no patch tokens: 'audiosearch embed --tokens' computes them.
 
     \b
     Example:

@@ -15,14 +15,17 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .audio import SAMPLE_RATE, SEGMENT_SECONDS
 from .errors import IndexLocked, IndexWriteError, ModelMismatch
 from .index import IndexCorrupt, IndexOptions, SyncReport, VectorIndex, sync_index
 from .match import lookup as print_lookup
 from .match.lookup import LookupCorrupt, PrintLookup
-from .model import Model, fingerprint
 from .store import Store
+
+if TYPE_CHECKING:
+    from .model import Model
 
 INDEX_FILE = "vectors.faiss"
 LOCK_FILE = "write.lock"
@@ -60,7 +63,7 @@ class Collection:
                 self.store.ensure_labels(model.id2label)
                 self.store.set_meta(
                     {
-                        "schema_version": SCHEMA_VERSION, "model": model.name, "fingerprint": fingerprint(model),
+                        "schema_version": SCHEMA_VERSION, "model": model.name, "fingerprint": model.fingerprint,
                         "dim": model.dim, "sample_rate": SAMPLE_RATE, "segment_seconds": SEGMENT_SECONDS,
                         "hop_seconds": hop_seconds, "num_mel_bins": f.num_mel_bins, "max_length": f.max_length,
                         "mean": f.mean, "std": f.std,
@@ -71,7 +74,7 @@ class Collection:
 
     def check_model(self, model: Model) -> None:
         meta = self.meta
-        if meta.get("fingerprint") not in (None, fingerprint(model)):
+        if meta.get("fingerprint") not in (None, model.fingerprint):
             raise ModelMismatch(
                 f"index {self.dir} was built with model {meta.get('model')!r}, not {model.name!r}; "
                 "use that model (omit --model) or another --index"
@@ -230,7 +233,9 @@ class Collection:
     def writing(self) -> Iterator[None]:
         """Hold the index's write lock, or fail at once with a clear message."""
         if not self._try_lock():
-            raise IndexLocked(f"another audiosearch process is writing to {self.dir}; wait for it to finish")
+            holder = self._lock_holder()
+            pid = f" (pid {holder})" if holder else ""
+            raise IndexLocked(f"another audiosearch process{pid} is writing to {self.dir}; wait for it to finish")
         try:
             yield
         finally:
@@ -246,10 +251,19 @@ class Collection:
             os.close(fd)
             return False
         self._lock_fd = fd
+        os.ftruncate(fd, 0)  # the holder's pid, for the message another writer gets
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return True
+
+    def _lock_holder(self) -> int | None:
+        try:
+            return int((self.dir / LOCK_FILE).read_text().strip() or 0) or None
+        except (OSError, ValueError):
+            return None
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)  # no stale pid for the next refusal to name
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -290,10 +304,44 @@ def _prints_info(collection: Collection) -> dict:
             "lookup_current": lookup is not None and lookup.generation == collection.store.generation}
 
 
-def label_counts(index_dir: str | Path) -> list[tuple[str, int]]:
-    """Predicted labels with the number of segments carrying each, most common first."""
+def label_counts(index_dir: str | Path, *, all_labels: bool = False) -> list[tuple[str, int]]:
+    """Predicted labels with the number of segments carrying each, most common first.
+
+    `all_labels` lists the model's whole vocabulary (recorded by the first ingest), counts of 0 included.
+    """
     collection = Collection(index_dir)
     try:
-        return collection.store.label_counts()
+        return collection.store.label_counts(all_labels=all_labels)
     finally:
         collection.close()
+
+
+def remove_files(index_dir: str | Path, paths: list[str | Path]) -> tuple[list[str], list[str]]:
+    """Forget indexed files (a folder means every indexed file under it); nothing on disk is touched.
+
+    Returns (paths removed, arguments that matched nothing in the index). The FAISS file follows at once.
+    """
+    collection = Collection(index_dir)
+    try:
+        with collection.writing():
+            known = [row.path for row in collection.store.files()]
+            removed: list[str] = []
+            unknown: list[str] = []
+            for arg in paths:
+                matched = _indexed_under(arg, known)
+                (removed.extend if matched else unknown.append)(matched or str(arg))
+            removed = sorted(set(removed))
+            if removed:
+                with collection.store.transaction():
+                    collection.store.delete_files(removed)
+                collection.refresh_index()
+            return removed, unknown
+    finally:
+        collection.close()
+
+
+def _indexed_under(arg: str | Path, known: list[str]) -> list[str]:
+    """Indexed paths equal to `arg` or under it, as typed (absolute) or with links resolved."""
+    candidates = {os.path.abspath(arg), os.path.realpath(arg)}
+    prefixes = tuple(c.rstrip(os.sep) + os.sep for c in candidates)
+    return [p for p in known if p in candidates or p.startswith(prefixes)]

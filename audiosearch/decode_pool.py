@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from .audio import Audio, decode, decode_into
+from .audio import Audio, decode, decode_into, why_unreadable
 from .errors import AudiosearchError
 
 DECODE_TIMEOUT = 600.0  # seconds one file may take before its worker is killed
@@ -87,7 +87,7 @@ def decode_one(key: object, path: str, with_hash: bool, decoder: Callable[[str],
     except AudiosearchError as e:
         return Decoded(key, path, error=str(e))
     except OSError as e:
-        return Decoded(key, path, error=f"cannot read file: {e.strerror or e}")
+        return Decoded(key, path, error=why_unreadable(path) or f"cannot read file: {e.strerror or e}")
 
 
 def _worker(conn: Connection, with_hash: bool, nice: int = 0, with_prints: bool = False) -> None:

@@ -10,6 +10,7 @@ damaged database needs a backup or `sqlite3 .recover`.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from .collection import Collection
 from .index import IndexCorrupt, VectorIndex
 from .match import lookup as print_lookup
 from .match.lookup import LookupCorrupt
-from .ingest import disk_stat, same_content
+from .ingest import same_content
 from .store import DB_NAME, Store
 
 EXAMPLES = 5  # paths or ids shown per finding
@@ -107,7 +108,8 @@ def _check(collection: Collection) -> list[Finding]:
 
 
 def _unreadable(e: sqlite3.DatabaseError) -> Finding:
-    return Finding("integrity", f"the database cannot be read ({e}); restore a backup", repairable=False)
+    return Finding("integrity", f"the database cannot be read ({e}); restore a backup or run "
+                   f"'sqlite3 {DB_NAME} .recover' in the index folder", repairable=False)
 
 
 def _sqlite_findings(store: Store) -> list[Finding]:
@@ -141,7 +143,8 @@ def _ids_finding(check: str, ids: list[int], what: str) -> list[Finding]:
 
 def _index_findings(collection: Collection, *, compare_vectors: bool) -> list[Finding]:
     store = collection.store
-    hint = "queries correct this in memory; --repair rebuilds the file"
+    hint = ("the next query rebuilds it from SQLite and saves it, unless an ingest holds the index; "
+            "--repair rebuilds it now")
     try:
         index = VectorIndex.load(collection.index_path)
     except FileNotFoundError:
@@ -207,12 +210,14 @@ def _differing_vectors(index: VectorIndex, store: Store, common: np.ndarray) -> 
 
 
 def _disk_findings(store: Store) -> list[Finding]:
-    gone, changed = [], []
+    gone, changed, unreadable = [], [], []
     for row in store.files():
-        st = disk_stat(row.path)
-        if st is None:
+        state = _disk_state(row.path)
+        if state == "gone":
             gone.append(row.path)
-        elif (st.st_size, st.st_mtime) != (row.size, row.mtime) and not same_content(row.path, row.hash):
+        elif state == "unreadable":
+            unreadable.append(row.path)
+        elif (state.st_size, state.st_mtime) != (row.size, row.mtime) and not same_content(row.path, row.hash):
             changed.append(row.path)
     found = []
     if gone:
@@ -222,7 +227,27 @@ def _disk_findings(store: Store) -> list[Finding]:
         found.append(Finding("files-changed", f"{len(changed)} files changed on disk since they were indexed (run "
                              "'audiosearch ingest' on their folder to embed them again)", len(changed),
                              changed[:EXAMPLES], repairable=False))
+    if unreadable:
+        found.append(Finding("files-unreadable", f"{len(unreadable)} indexed files cannot be checked: their folder "
+                             "is not readable (permission denied); they stay in the index", len(unreadable),
+                             unreadable[:EXAMPLES], problem=False, repairable=False))
     return found
+
+
+def _disk_state(path: str) -> os.stat_result | str:
+    """The file's stat, 'unreadable' when permissions hide it, or 'gone'."""
+    try:
+        return os.stat(path)
+    except PermissionError:
+        return "unreadable"
+    except OSError:
+        pass
+    try:
+        return os.lstat(path)  # a broken symlink is still there
+    except PermissionError:
+        return "unreadable"
+    except OSError:
+        return "gone"
 
 
 def _temp_files(collection: Collection) -> list[Finding]:

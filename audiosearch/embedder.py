@@ -12,14 +12,19 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .audio import MIN_SECONDS, SEGMENT_SAMPLES, SEGMENT_SECONDS, Audio, Segment, segment, to_model_audio
 from .decode_pool import Decoded, DecodePool
 from .errors import AudioDecodeError
-from .model import DEFAULT_MODEL, Model, PendingOutput
+from .model_ref import DEFAULT_MODEL
+
+if TYPE_CHECKING:  # torch is imported when an Embedder is made, so that Tally and the results stay light
+    import torch
+
+    from .model import Model, PendingOutput
 
 
 @dataclass
@@ -73,6 +78,21 @@ class Tally:
         return result.status == "ok"
 
 
+def expand_folders(paths: Iterable[str | Path]) -> tuple[list[str], list]:
+    """Files as given, folders replaced by the audio files under them; and what could not be listed."""
+    from .ingest import Unreadable, scan  # ingest builds on this module
+
+    files: list[str] = []
+    unreadable: list[Unreadable] = []
+    for p in paths:
+        if Path(p).is_dir():
+            found, _ = scan([Path(os.path.abspath(p))], unreadable)
+            files.extend(f.path for f in found)
+        else:
+            files.append(str(p))
+    return files, unreadable
+
+
 def default_batch_size(device: torch.device) -> int:
     """GPUs want big batches. On a CPU throughput levels off by 8 (bf16 AST, 2-core AMX Xeon:
     3.2 segments/s at 2, 3.35 at 4, 3.45 at 8 and 16; BENCHMARKS.md)."""
@@ -115,6 +135,10 @@ class Embedder:
         hop_seconds: float = SEGMENT_SECONDS,
         tokens: bool = False,
     ):
+        import torch
+
+        from .model import Model
+
         self.model = model if isinstance(model, Model) else Model(model, device=device, precision=precision)
         self.batch_size = batch_size or default_batch_size(self.model.device)
         self.workers = default_workers(self.model.device) if workers is None else workers
@@ -135,8 +159,15 @@ class Embedder:
         self._in_flight: tuple[list[tuple[_Job, int, Segment]], PendingOutput] | None = None
 
     def embed_files(self, paths: Iterable[str | Path]) -> Iterator[FileEmbedding]:
-        """Yield one FileEmbedding per path, in completion order; bad files come back with an error."""
-        return self.run((str(p), str(p)) for p in paths)
+        """Yield one FileEmbedding per file, in completion order; bad files come back with an error.
+
+        A folder stands for the audio files under it, found as `ingest` and `embed` find them
+        (recursively, by extension); a folder that cannot be listed comes back as a failed entry.
+        """
+        files, unreadable = expand_folders(paths)
+        for u in unreadable:
+            yield FileEmbedding(u.path, u.path, "failed", u.reason)
+        yield from self.run((p, p) for p in files)
 
     def embed_waveform(self, samples: np.ndarray, sample_rate: int) -> list[SegmentEmbedding]:
         """Embed an in-memory signal ([n] or [n, channels]) at any sample rate."""

@@ -43,3 +43,7 @@ class FeatureFileError(AudiosearchError):
 
 class IndexWriteError(AudiosearchError):
     """The index could not be written (disk full, I/O error); what was committed before is kept."""
+
+
+class EmptyIndex(AudiosearchError):
+    """An index that holds no segments yet: nothing to search."""

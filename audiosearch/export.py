@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,7 +24,10 @@ from .embedder import Embedder, FileEmbedding, Tally
 from .errors import FeatureFileError
 from .embedding_files import FeatureHeader, FeatureRows, FeatureWriter, output_format
 from .ingest import Progress, Unreadable, scan
-from .model import DEFAULT_MODEL, Model, fingerprint
+from .model_ref import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from .model import Model
 
 INDEX_PARAMS = ("sample_rate", "segment_seconds", "hop_seconds", "num_mel_bins", "max_length", "mean", "std")
 
@@ -62,7 +66,7 @@ def embed_to_file(
     hop = hop_seconds or SEGMENT_SECONDS
     embedder = Embedder(model or DEFAULT_MODEL, device=device, precision=precision, batch_size=batch_size,
                         workers=workers, hop_seconds=hop, tokens=tokens)
-    summary = ExportSummary(output=str(output), ignored=ignored)
+    summary = ExportSummary(output=str(output), ignored=len(ignored))
     summary.failed.extend((u.path, u.reason) for u in unreadable)  # unlistable folders, names SQLite can't hold
     if progress:
         progress.start(len(disk))
@@ -112,7 +116,7 @@ def _model_header(model: Model, hop: float, top_labels: int | None, tokens: bool
         "do_normalize": f.do_normalize, "precision": model.precision,
     }
     return FeatureHeader(
-        model=model.name, fingerprint=fingerprint(model), labels=model.labels, dim=model.dim, params=params,
+        model=model.name, fingerprint=model.fingerprint, labels=model.labels, dim=model.dim, params=params,
         source="embed", top_labels=top_labels, token_shape=(*model.patch_grid(), model.dim) if tokens else None,
         float16=float16,
     )

@@ -36,10 +36,10 @@ from .embedder import Embedder, FileEmbedding, Tally
 from .errors import AudiosearchError, IndexWriteError, NoAudioFiles
 from .index import SyncReport
 from .match.lookup import SyncReport as PrintSyncReport
-from .model import DEFAULT_MODEL, Model
 from .match.fingerprint import HEADER_BYTES as PRINT_HEADER_BYTES
 from .match.fingerprint import PEAK_BYTES as PRINT_BYTES
 from .match.fingerprint import VERSION as PRINT_VERSION
+from .model_ref import DEFAULT_MODEL
 from .store import FileRow, PrintRow, SegmentResult
 
 COMMIT_SECONDS = 1.0  # longest a finished file waits before its transaction commits
@@ -72,6 +72,9 @@ class IngestSummary(Tally):
     moved: int = 0
     removed: int = 0
     ignored: int = 0
+    ignored_files: list[str] = field(default_factory=list)  # non-audio names, by path
+    earlier_failures: int = 0  # unchanged files that failed or were skipped by an earlier run
+    unlisted_folders: list[tuple[str, str]] = field(default_factory=list)  # folders that could not be read
     wall_seconds: float = 0.0
     index: SyncReport | None = None
     prints: PrintSyncReport | None = None
@@ -95,6 +98,7 @@ class _Plan:
     remove: list[str] = field(default_factory=list)
     unchanged: int = 0
     disk: list[DiskFile] = field(default_factory=list)
+    unchanged_failed: int = 0  # of `unchanged`: files left failed or skipped from an earlier run
 
 
 def ingest(
@@ -119,7 +123,7 @@ def ingest(
     started = time.perf_counter()
     roots = [Path(os.path.abspath(p)) for p in paths]
     unreadable: list[Unreadable] = []
-    disk, ignored = scan(roots, unreadable)
+    disk, ignored_files = scan(roots, unreadable)
     collection = Collection(index_dir, create=True, device=device)
     try:
         with collection.writing():
@@ -132,7 +136,7 @@ def ingest(
             )
     finally:
         collection.close()
-    summary.ignored = ignored
+    summary.ignored, summary.ignored_files = len(ignored_files), ignored_files
     summary.wall_seconds = time.perf_counter() - started
     return summary
 
@@ -141,12 +145,15 @@ def _ingest_locked(collection: Collection, roots: list[Path], disk: list[DiskFil
                    model, device, precision, batch_size, workers, hop_seconds, prune, retry_failed,
                    progress) -> IngestSummary:
     store = collection.store
+    _check_hop(collection, hop_seconds)
     unlisted = [Path(u.path) for u in unreadable if u.folder]
     plan = plan_changes(store.files(), disk, roots, prune=prune, retry_failed=retry_failed, unlisted=unlisted)
     _fingerprint_unprinted(plan, store.unprinted_paths())
-    summary = IngestSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.remove), pruned=prune)
-    summary.failed.extend((u.path, u.reason + ("; the files indexed from it are kept" if u.folder else ""))
-                          for u in unreadable)
+    summary = IngestSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.remove), pruned=prune,
+                            earlier_failures=plan.unchanged_failed)
+    summary.failed.extend((u.path, u.reason) for u in unreadable if not u.folder)
+    summary.unlisted_folders.extend((u.path, u.reason + "; the files indexed from it are kept")
+                                    for u in unreadable if u.folder)
     if plan.remove or plan.moves or plan.touches:  # a transaction would bump the generation for nothing
         with store.transaction():
             store.delete_files(plan.remove)
@@ -154,6 +161,8 @@ def _ingest_locked(collection: Collection, roots: list[Path], disk: list[DiskFil
                 store.move_file(old, _row(new))
             for f in plan.touches:
                 store.touch_file(f.path, f.size, f.mtime)
+    if plan.embed or model:
+        from .model import Model  # torch: only when there is something to embed or a model to bind
     if plan.embed:
         hop = hop_seconds or float(collection.meta.get("hop_seconds", SEGMENT_SECONDS))
         net = Model(model or collection.model_name or DEFAULT_MODEL, device=device, precision=precision)
@@ -177,31 +186,55 @@ def _fingerprint_unprinted(plan: _Plan, unprinted: set[str]) -> None:
     plan.unchanged -= len(again)
 
 
-def scan(roots: list[Path], unreadable: list[Unreadable] | None = None) -> tuple[list[DiskFile], int]:
-    """Audio files under the given files and folders (symlinks followed, loops cut), and how many others were ignored.
+def _check_hop(collection: Collection, hop_seconds: float | None) -> None:
+    """One hop per index: segments cut at another spacing would mix two different indexes into one."""
+    stored = collection.meta.get("hop_seconds")
+    if hop_seconds is not None and stored is not None and abs(float(stored) - hop_seconds) > 1e-9:
+        raise AudiosearchError(
+            f"index {collection.dir} cuts segments every {float(stored):g} s, not {hop_seconds:g} s; omit --hop "
+            "to keep its hop, or build a new index with another --index"
+        )
+
+
+def scan(roots: list[Path], unreadable: list[Unreadable] | None = None) -> tuple[list[DiskFile], list[str]]:
+    """Audio files under the given files and folders (symlinks followed, loops cut), and the others, ignored.
+
+    A file reached by two names (a symlink and its target, or hard links) is listed once, by its real path
+    when that is under the scanned paths (see `_preferred`).
 
     Folders that cannot be listed and names that are not valid UTF-8 (SQLite keeps text as UTF-8) are
     appended to `unreadable`. A broken or looping symlink with an audio name is returned, with the
     link's own size and time, so that it is recorded as failed rather than silently left out.
     """
     unreadable = [] if unreadable is None else unreadable
-    found: dict[str, DiskFile] = {}
-    ignored = 0
+    found: dict[tuple[int, int], DiskFile] = {}  # by (device, inode): a file reached twice is indexed once
+    ignored: list[str] = []
     for root in roots:
         if not root.exists():
             raise AudiosearchError(f"no such file or folder: {root}")
         for path in _walk(root, unreadable):
             if not is_audio_path(Path(path)):
-                ignored += 1
+                ignored.append(path)
             elif not _utf8(path):
                 shown = os.fsencode(path).decode("utf-8", "backslashreplace")
                 unreadable.append(Unreadable(shown, "file name is not valid UTF-8; rename the file to index it"))
             elif (st := disk_stat(path)) is not None:
-                found[path] = DiskFile(path, st.st_size, st.st_mtime)
+                same = found.get((st.st_dev, st.st_ino))
+                if same is None or _preferred(path, same.path):
+                    found[(st.st_dev, st.st_ino)] = DiskFile(path, st.st_size, st.st_mtime)
     if not found:
         where = ", ".join(str(r) for r in roots)
         raise NoAudioFiles(f"no audio files found in {where} (looked for {', '.join(_shown_extensions())})")
     return sorted(found.values(), key=lambda f: f.path), ignored
+
+
+def _preferred(path: str, other: str) -> bool:
+    """Of two names for one file (a symlink and its target, hard links), keep its real path if both are
+    under the scanned folders, else the one that sorts first, so every run picks the same."""
+    real = os.path.realpath(path)
+    if real in (path, other):
+        return real == path
+    return path < other
 
 
 def _walk(root: Path, unreadable: list[Unreadable]) -> Iterable[str]:
@@ -281,6 +314,7 @@ def plan_changes(known: list[FileRow], disk: list[DiskFile], roots: list[Path], 
         row = by_path.get(f.path)
         if row and row.size == f.size and row.mtime == f.mtime and (row.status == "ok" or not retry_failed):
             plan.unchanged += 1
+            plan.unchanged_failed += row.status != "ok"
         elif row and row.status == "ok" and row.size == f.size and same_content(f.path, row.hash):
             plan.touches.append(f)
             plan.unchanged += 1

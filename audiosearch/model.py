@@ -18,8 +18,8 @@ import torch
 
 from .errors import ModelLoadError
 from .logmel import FeatureConfig, LogMel
+from .model_ref import DEFAULT_MODEL, check_model_available, model_reference
 
-DEFAULT_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -102,7 +102,7 @@ class Model:
     """
 
     def __init__(self, name_or_path: str = DEFAULT_MODEL, *, device: str = "auto", precision: str = "auto"):
-        self.name = str(name_or_path)
+        self.name = model_reference(str(name_or_path))  # what an index records: an absolute path or a hub id
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.net, extractor = _load(self.name)
@@ -214,6 +214,7 @@ def _load(name_or_path: str):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    check_model_available(name_or_path)
 
     local = Path(name_or_path).expanduser()
     source = str(local) if local.exists() else name_or_path

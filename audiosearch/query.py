@@ -8,20 +8,25 @@ without a label selector) is planned in `search.py`.
 from __future__ import annotations
 
 import difflib
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .audio import Audio, decode
 from .collection import Collection
-from .embedder import Embedder
-from .errors import AudioDecodeError, AudiosearchError, UnknownLabel
+from .errors import AudioDecodeError, AudiosearchError, EmptyIndex, UnknownLabel
 from .match.matcher import Match, Matcher
-from .model import DEFAULT_MODEL, Model
+from .model_ref import DEFAULT_MODEL, check_model_available
 from .search import Plan, search
 from .store import TOP_LABELS
+
+if TYPE_CHECKING:
+    from .model import Model
 
 
 @dataclass
@@ -56,6 +61,9 @@ class Hit:
         }
 
 
+FORMAT_VERSION = 1  # of QueryResult.to_dict(), the `query --json` object (README: "query --json")
+
+
 @dataclass
 class QueryResult:
     hits: list[Hit]
@@ -65,10 +73,32 @@ class QueryResult:
     duplicates: int = 0  # leading hits that are verified duplicates
     plans: list[Plan] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    clip: str = ""
+    filter_source: str | None = None  # "top label" (the default), "--label", or None when unfiltered
+    searched: int = 0  # segments the search ran over: `matching`, or the whole index unfiltered
+    query_segments: int = 0
+
+    def to_dict(self) -> dict:
+        """The `query --json` object; each hit is a dict that later fields (such as `match`) may extend."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "clip": self.clip,
+            "query_segments": self.query_segments,
+            "query_labels": [{"label": name, "score": round(score, 4)} for name, score in self.query_labels],
+            "filter": {"labels": self.filter_labels, "source": self.filter_source} if self.filter_labels else None,
+            "matching_segments": self.searched,
+            "duplicates": self.duplicates,
+            "hits": [hit.to_dict() for hit in self.hits],
+        }
 
 
-def query(
-    clip: str | Path,
+def query(clip: str | Path, *, index_dir: str | Path, **options) -> QueryResult:
+    """The k library items nearest to `clip`, filtered by label (see module doc and `query_clips`)."""
+    return next(iter(query_clips([clip], index_dir=index_dir, **options)))
+
+
+def query_clips(
+    clips: list[str | Path],
     *,
     index_dir: str | Path,
     k: int = 10,
@@ -80,52 +110,100 @@ def query(
     precision: str = "auto",
     kinds: str = "all",
     min_match_seconds: float = 0.0,
-) -> QueryResult:
-    """The k library items nearest to `clip`: verified duplicates first, then similar items filtered by label.
+) -> Iterator[QueryResult]:
+    """One QueryResult per clip, in order, with one model load for them all.
 
-    The label filter applies to similar items only: an edit can change what the model predicts,
-    and a verified duplicate is the same recording whatever its label. `kinds` is "all",
-    "duplicates" (only verified duplicates) or "similar" (only the embedding search);
-    `min_match_seconds` drops duplicates matching less of the clip than that.
+    Each holds the k library items nearest to the clip: verified duplicates first, then similar
+    items filtered by label. The label filter applies to similar items only: an edit can change
+    what the model predicts, and a verified duplicate is the same recording whatever its label.
+    `kinds` is "all", "duplicates" (only verified duplicates) or "similar" (only the embedding
+    search); `min_match_seconds` drops duplicates matching less of the clip than that.
+
+    Everything that can be checked without the model is checked first (the
+    clips exist and are files, the index exists and holds segments, `labels`
+    are names the index knows), so a mistake is reported before the model loads.
     """
     if kinds not in KINDS:
         raise AudiosearchError(f"unknown kind of result {kinds!r}; use one of {', '.join(KINDS)}")
-    watch = _Stopwatch()
-    if not Path(clip).is_file():
-        raise AudioDecodeError(f"no such file: {clip}")
+    if labels and not filter:
+        raise AudiosearchError("--label and --no-filter contradict each other; pass one or the other")
+    for clip in clips:
+        check_clip(clip)
     collection = Collection(index_dir)
     try:
+        names = _validate_index(collection, labels)
+        watch = _Stopwatch()
+        check_model_available(model or collection.model_name or DEFAULT_MODEL)
+        from .model import Model  # torch: imported once everything cheap has been checked
+
         net = Model(model or collection.model_name or DEFAULT_MODEL, device=device, precision=precision)
         collection.check_model(net)
         watch.lap("load model")
-        audio = _decode_clip(clip)
-        duplicates: list[Match] = []
-        if kinds != "similar":
-            matcher = Matcher(collection, collection.load_prints())
-            duplicates = matcher.match_samples(audio.samples, min_seconds=min_match_seconds, limit=k)
-            watch.lap("match fingerprints")
-        segments = Embedder(net, workers=0, batch_size=8).embed_audio(audio)
-        watch.lap("embed")
-        scores = np.max([s.scores for s in segments], axis=0)
-        names = _filter_names(net, scores, labels, filter)
         index, _ = collection.load_index()
         watch.lap("load index")
-        label_filter = collection.store.label_filter(_label_ids(net, names)) if names else None
-        result = QueryResult([], _top(net, scores), names, label_filter.count() if label_filter else None)
-        vectors = np.stack([s.embedding for s in segments])
-        similar: list[Hit] = []
-        if kinds != "duplicates" and result.matching != 0 and len(duplicates) < k:
-            similar, result.plans = _search(collection, index, vectors, k + len(duplicates), label_filter, per_file)
-        result.hits = _merge(collection, duplicates, similar, vectors, k)
-        result.duplicates = len(duplicates)
-        watch.lap("search")
-        result.timings = watch.laps
-        return result
+        matcher = Matcher(collection, collection.load_prints()) if kinds != "similar" else None
+        for clip in clips:
+            yield _query_one(collection, index, net, matcher, clip, names, filter=filter, k=k, per_file=per_file,
+                             kinds=kinds, min_match_seconds=min_match_seconds, watch=watch)
+            watch = _Stopwatch()
     finally:
         collection.close()
 
 
 KINDS = ("all", "duplicates", "similar")
+
+
+def check_clip(clip: str | Path) -> None:
+    """A clip must be a readable, non-empty file: a folder or a broken link is named as such."""
+    path = Path(clip)
+    if path.is_dir():
+        raise AudioDecodeError(f"{path} is a folder, not a clip; query one or more audio files")
+    if not path.exists():
+        if path.is_symlink():
+            raise AudioDecodeError(f"{path} is a broken symlink (it points to {os.readlink(path)}, which is gone)")
+        raise AudioDecodeError(f"no such file: {path}")
+    if path.is_file() and path.stat().st_size == 0:
+        raise AudioDecodeError(f"{path} is an empty file (0 bytes)")
+
+
+def _validate_index(collection: Collection, labels: list[str] | None) -> list[str]:
+    """The --label names as the index spells them; refuses an index with nothing to search."""
+    if collection.store.count() == 0:
+        raise EmptyIndex(f"index {collection.dir} holds no segments yet; run 'audiosearch ingest FOLDER "
+                         f"--index {collection.dir}' first (or see 'audiosearch info --errors')")
+    known = sorted(collection.store.label_names().values())
+    return [resolve_label(name, known) for name in labels or []]
+
+
+def _query_one(collection: Collection, index, net: "Model", matcher: Matcher | None, clip: str | Path,
+               names: list[str], *, filter: bool, k: int, per_file: bool, kinds: str, min_match_seconds: float,
+               watch: "_Stopwatch") -> QueryResult:
+    from .embedder import Embedder  # torch, like Model
+
+    audio = _decode_clip(clip)
+    duplicates: list[Match] = []
+    if matcher is not None:
+        duplicates = matcher.match_samples(audio.samples, min_seconds=min_match_seconds, limit=k)
+        watch.lap("match fingerprints")
+    segments = Embedder(net, workers=0, batch_size=8).embed_audio(audio)
+    watch.lap("embed")
+    scores = np.max([s.scores for s in segments], axis=0)
+    source = ("--label" if names else "top label") if filter else None
+    names = names or ([net.id2label[int(np.argmax(scores))]] if filter else [])
+    label_filter = collection.store.label_filter(_label_ids(net, names)) if names else None
+    matching = label_filter.count() if label_filter else None
+    result = QueryResult([], _top(net, scores), names, matching, clip=str(clip), filter_source=source,
+                         searched=matching if matching is not None else index.ntotal,
+                         query_segments=len(segments))
+    vectors = np.stack([s.embedding for s in segments])
+    similar: list[Hit] = []
+    if kinds != "duplicates" and result.matching != 0 and len(duplicates) < k:
+        similar, result.plans = _search(collection, index, vectors, k + len(duplicates), label_filter, per_file)
+    result.hits = _merge(collection, duplicates, similar, vectors, k)
+    result.duplicates = len(duplicates)
+    watch.lap("search")
+    result.timings = watch.laps
+    return result
 
 
 def _decode_clip(clip: str | Path) -> Audio:
@@ -166,14 +244,6 @@ def _duplicate_hit(collection: Collection, m: Match, vectors: np.ndarray) -> Hit
     return Hit(0, float(sims.max()), m.path, float(start), float(end), labels, int(ids[best]), m.file_id, m)
 
 
-def _filter_names(net: Model, scores: np.ndarray, labels: list[str] | None, filter: bool) -> list[str]:
-    if not filter:
-        return []
-    if labels:
-        return [resolve_label(name, net.labels) for name in labels]
-    return [net.id2label[int(np.argmax(scores))]]
-
-
 def resolve_label(name: str, known: list[str]) -> str:
     """The model's spelling of a label (case-insensitive), or UnknownLabel with suggestions."""
     by_lower = {label.lower(): label for label in known}
@@ -184,12 +254,12 @@ def resolve_label(name: str, known: list[str]) -> str:
     raise UnknownLabel(f"unknown label {name!r}{hint}")
 
 
-def _label_ids(net: Model, names: list[str]) -> list[int]:
+def _label_ids(net: "Model", names: list[str]) -> list[int]:
     ids = {name: i for i, name in net.id2label.items()}
     return [ids[n] for n in names]
 
 
-def _top(net: Model, scores: np.ndarray) -> list[tuple[str, float]]:
+def _top(net: "Model", scores: np.ndarray) -> list[tuple[str, float]]:
     order = np.argsort(-scores, kind="stable")[:TOP_LABELS]
     return [(net.id2label[int(i)], float(scores[i])) for i in order]
 

@@ -6,6 +6,7 @@ import math
 import os
 from dataclasses import asdict
 
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -22,9 +23,10 @@ class IngestBar:
     """Files, segments, audio hours, rate and ETA while an ingest (or `title`: embed) runs."""
 
     def __init__(self, console: Console, *, enabled: bool = True, title: str = "ingest"):
+        # Fits 80 columns with room to spare: elapsed time and ETA must never be the part cut off.
         self.progress = Progress(
-            TextColumn(f"[bold]{title}"), BarColumn(), MofNCompleteColumn(), TextColumn("files"),
-            TextColumn("{task.fields[segments]} segments, {task.fields[hours]:.2f} h audio, {task.fields[rate]:.1f} seg/s"),
+            TextColumn(f"[bold]{title}"), BarColumn(bar_width=16), MofNCompleteColumn(), TextColumn("files"),
+            TextColumn("{task.fields[segments]} seg, {task.fields[rate]:.1f}/s"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
             console=console, disable=not enabled, transient=False,
         )
@@ -55,6 +57,7 @@ def summary_dict(s: IngestSummary) -> dict:
     data = asdict(s)
     data["failed"] = [{"path": p, "error": e} for p, e in s.failed]
     data["skipped"] = [{"path": p, "reason": e} for p, e in s.skipped]
+    data["unlisted_folders"] = [{"path": p, "error": e} for p, e in s.unlisted_folders]
     data["segments_per_second"] = round(s.segments_per_second, 3)
     return data
 
@@ -64,21 +67,39 @@ def print_summary(console: Console, s: IngestSummary) -> None:
     console.print(
         f"[bold]{s.added}[/] added, {s.updated} updated, {s.unchanged} unchanged, {s.moved} moved{removed}, "
         f"[{'red' if s.failed else 'green'}]{len(s.failed)} failed[/], {len(s.skipped)} skipped, "
-        f"{s.ignored} non-audio ignored",
-        soft_wrap=True,
+        f"{s.ignored} non-audio ignored" + (f", {plural(len(s.unlisted_folders), 'folder')} unreadable"
+                                            if s.unlisted_folders else ""),
+        soft_wrap=True, highlight=False,
     )
-    console.print(
-        f"{s.segments} segments from {s.audio_seconds / 3600:.2f} h of audio in {s.wall_seconds:.1f} s "
-        f"({s.segments_per_second:.1f} segments/s)",
-        soft_wrap=True,
-    )
-    if s.index is not None:
+    if s.segments or s.added or s.updated:
+        console.print(
+            f"{plural(s.segments, 'segment')} from {duration(s.audio_seconds)} of audio in {s.wall_seconds:.1f} s "
+            f"({s.segments_per_second:.1f} segments/s)",
+            soft_wrap=True, highlight=False,
+        )
+    else:
+        console.print(f"nothing new to embed (checked in {s.wall_seconds:.1f} s)", highlight=False)
+    if s.earlier_failures:
+        console.print(f"{plural(s.earlier_failures, 'file')} that failed before left as they were; "
+                      "--retry-failed tries them again ('audiosearch info --errors' lists them)", highlight=False,
+                      soft_wrap=True)
+    if s.index is not None and (s.index.added or s.index.removed or s.index.rebuilt):
         what = "rebuilt" if s.index.rebuilt else "updated"
         why = f" ({s.index.reason})" if s.index.reason else ""
-        console.print(f"vector index {what}{why}: +{s.index.added} / -{s.index.removed}", soft_wrap=True)
-    for kind, rows in (("failed", s.failed), ("skipped", s.skipped)):
+        console.print(f"vector index {what}{why}: +{s.index.added} / -{s.index.removed}", soft_wrap=True,
+                      highlight=False)
+    for kind, rows in (("failed", s.failed), ("skipped", s.skipped), ("unreadable folder", s.unlisted_folders)):
         for path, error in rows:
-            console.print(f"  {kind}: {path}: {error}", highlight=False, markup=False)
+            console.print(f"  {kind}: {shown_path(path)}: {error}", highlight=False, markup=False, soft_wrap=True)
+    if len(s.ignored_files) > IGNORED_SHOWN:
+        console.print(f"  {s.ignored} non-audio files ignored (--json lists them)", highlight=False)
+        return
+    for path in s.ignored_files:
+        console.print(f"  ignored (not audio by its name): {shown_path(path)}", highlight=False, markup=False,
+                      soft_wrap=True)
+
+
+IGNORED_SHOWN = 10  # non-audio files named one by one; above this only counted (all are in --json)
 
 
 def export_dict(s: ExportSummary) -> dict:
@@ -90,7 +111,7 @@ def export_dict(s: ExportSummary) -> dict:
 
 def print_export(console: Console, s: ExportSummary) -> None:
     console.print(
-        f"wrote {s.segments} segments from {s.files} files ({s.audio_seconds / 3600:.2f} h of audio) "
+        f"wrote {plural(s.segments, 'segment')} from {plural(s.files, 'file')} ({duration(s.audio_seconds)} of audio) "
         f"to {escape(s.output)} "
         f"({_size(s.bytes_written)}) in {s.wall_seconds:.1f} s; "
         f"[{'red' if s.failed else 'green'}]{len(s.failed)} failed[/], {len(s.skipped)} skipped",
@@ -105,33 +126,116 @@ def _size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
-def print_hits(console: Console, result: QueryResult) -> None:
-    predicted = ", ".join(f"{name} ({score:.2f})" for name, score in result.query_labels[:3])
-    console.print(f"query labels: {predicted}", highlight=False)
-    if result.filter_labels:
-        console.print(f"filter: {' or '.join(result.filter_labels)} ({result.matching} matching segments)",
-                      highlight=False)
-    if not result.hits:
-        if result.matching == 0:
-            console.print(f"No library segment carries {' or '.join(repr(n) for n in result.filter_labels)}; "
-                          "try --no-filter or another --label.", highlight=False)
-        else:
-            console.print("No results.")
+def plural(n: int, noun: str) -> str:
+    """'1 segment', '2 segments', '2 searches'."""
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun}" + ("es" if noun.endswith(("s", "sh", "ch", "x")) else "s")
+
+
+def clock(seconds: float) -> str:
+    """Seconds as a reader takes them in: 6.00, 1:05.30, 1:02:03.00."""
+    if seconds < 60:
+        return f"{seconds:.2f}"
+    minutes, rest = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{int(minutes)}:{rest:05.2f}"
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}:{minutes:02d}:{rest:05.2f}"
+
+
+def duration(seconds: float) -> str:
+    """An amount of audio: '13.0 s', '4 min 05 s', '2.50 h'."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{seconds / 3600:.2f} h"
+
+
+def shorten_left(text: str, width: int) -> str:
+    """Keep the end of a path (the file name), replacing what does not fit on the left with an ellipsis;
+    the cut falls on a folder boundary where one is in reach."""
+    name = text.rsplit("/", 1)[-1]
+    width = max(width, len(name) + 2)  # the file name itself is never cut
+    if len(text) <= width:
+        return text
+    tail = text[len(text) - max(width - 1, 1):]
+    if tail.startswith("/"):
+        return "…" + tail
+    slash = tail.find("/")
+    return "…" + (tail[slash:] if 0 < slash < len(tail) - 1 else tail)
+
+
+def print_rows(console: Console, header: list[str], rows: list[list[str]], *, shorten: int | None = None) -> None:
+    """A table on a terminal; piped, tab-separated lines (header first) that no width ever wraps.
+
+    On a terminal only the last column wraps (between words); `shorten` is the column (a path) that
+    gives up its left end, never a break inside a name, when the table is too wide.
+    """
+    if not console.is_terminal:
+        for row in [header, *rows]:
+            print("\t".join(cell.replace("\t", " ").replace("\n", " ") for cell in row))
         return
-    table = Table("rank", "similarity")
-    paths = [escape(shown_path(hit.path)) for hit in result.hits]
-    table.add_column("path", overflow="fold", min_width=min(40, max(len(p) for p in paths)))
-    table.add_column("match")
-    table.add_column("labels")
-    for hit in result.hits:
-        labels = ", ".join(f"{name} ({score:.2f})" for name, score in hit.labels[:3])
-        table.add_row(str(hit.rank), f"{hit.similarity:.4f}", paths[hit.rank - 1], match_text(hit), labels)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for i, name in enumerate(header):
+        table.add_column(name, no_wrap=i != len(header) - 1)
+    if shorten is not None:
+        last = min(widths[-1], LAST_COLUMN_MIN)
+        others = sum(w for i, w in enumerate(widths[:-1]) if i != shorten) + last + 3 * (len(header) - 1) + 2
+        width = max(PATH_MIN, console.width - others)
+        rows = [[shorten_left(c, width) if i == shorten else c for i, c in enumerate(r)] for r in rows]
+    for row in rows:
+        table.add_row(*(escape(c) for c in row))
     console.print(table)
 
 
+LAST_COLUMN_MIN = 16  # characters the last (wrapping) column keeps before a path is shortened
+PATH_MIN = 16  # a path is never shortened below this
+
+
+def hit_columns(*, piped: bool) -> list[str]:
+    """The query table's columns (piped: the match's kind, then start and end in seconds);
+    a new column goes here and in `hit_row`."""
+    match = ["match", "start", "end"] if piped else ["match"]
+    return ["rank", "similarity", "path", *match, "labels"]
+
+
+def hit_row(hit, *, piped: bool) -> list[str]:
+    labels = ", ".join(f"{name} ({score:.2f})" for name, score in hit.labels[:3])
+    if piped:
+        start, end = (hit.match.start, hit.match.end) if hit.match is not None else (hit.start, hit.end)
+        match = [hit.kind, f"{start:.2f}", f"{end:.2f}"]
+    else:
+        match = [match_text(hit)]
+    return [str(hit.rank), f"{hit.similarity:.4f}", shown_path(hit.path), *match, labels]
+
+
+def print_hits(console: Console, result: QueryResult) -> None:
+    piped = not console.is_terminal
+    predicted = ", ".join(f"{name} ({score:.2f})" for name, score in result.query_labels[:3])
+    console.print(f"query labels: {predicted}", highlight=False, markup=False, soft_wrap=True)
+    if result.filter_labels:
+        how = "the clip's top label" if result.filter_source == "top label" else "--label"
+        console.print(f"filter ({how}): {' or '.join(result.filter_labels)} "
+                      f"({plural(result.matching or 0, 'matching segment')})", highlight=False, markup=False,
+                      soft_wrap=True)
+    if not result.hits:
+        if result.matching == 0:
+            console.print(f"No library segment carries {' or '.join(repr(n) for n in result.filter_labels)}; "
+                          "try --no-filter or another --label (see 'audiosearch labels').", highlight=False,
+                          markup=False, soft_wrap=True)
+        else:
+            console.print("No results.")
+        return
+    rows = [hit_row(hit, piped=piped) for hit in result.hits]
+    print_rows(console, hit_columns(piped=piped), rows, shorten=2)
+
+
 def match_text(hit) -> str:
-    """"duplicate 0:03.2–0:09.2 ×1.05" (the matched library range, speed; pitch when it differs),
-    or "similar 0:10.2–0:20.5" (the closest segment)."""
+    """"duplicate 3.20–9.20 ×1.05" (the matched library range, speed; pitch when it differs),
+    or "similar 10.24–20.48" (the closest segment); times past a minute as m:ss.ss."""
     match = hit.match
     if match is None:
         return f"similar {clock(hit.start)}–{clock(hit.end)}"
@@ -143,30 +247,32 @@ def match_text(hit) -> str:
     return text
 
 
-def clock(seconds: float) -> str:
-    """m:ss.s, or h:mm:ss.s past an hour."""
-    minutes, secs = divmod(max(0.0, seconds), 60)
-    hours, minutes = divmod(int(minutes), 60)
-    return f"{hours}:{minutes:02d}:{secs:04.1f}" if hours else f"{minutes}:{secs:04.1f}"
-
-
 def print_explain(console: Console, result: QueryResult) -> None:
-    console.print("[bold]plan[/]")
+    """The search plan, once per distinct plan: a long clip searches once per segment, with the same plan."""
+    console.print(f"[bold]plan[/] ({plural(len(result.plans), 'search')}, one per query segment and widening)")
+    seen: dict[tuple[str, ...], int] = {}
     for plan in result.plans:
-        for line in plan.explain():
-            console.print(f"  {line}", highlight=False)
+        key = tuple(line for line in plan.explain() if not line.endswith(" ms"))
+        seen[key] = seen.get(key, 0) + 1
+    for lines, count in seen.items():
+        prefix = f"{count}x " if len(seen) > 1 or count > 1 else ""
+        for n, line in enumerate(lines):
+            console.print(f"  {prefix if n == 0 else ' ' * len(prefix)}{line}", highlight=False, markup=False)
     for stage, seconds in result.timings.items():
         console.print(f"  {stage}: {seconds * 1000:.1f} ms", highlight=False)
 
 
 def print_info(console: Console, data: dict) -> None:
+    if "errors" in data:
+        _print_errors(console, data["errors"])
+        return
     files = data["files"]
     table = Table(show_header=False)
     table.add_row("index", data["index"])
     table.add_row("model", str(data["model"]))
     table.add_row("files", ", ".join(f"{n} {status}" for status, n in sorted(files.items())) or "0")
     table.add_row("segments", str(data["segments"]))
-    table.add_row("audio", f"{data['hours']:.2f} h")
+    table.add_row("audio", duration(data["hours"] * 3600))
     table.add_row("hop", f"{data['hop_seconds']:g} s")
     vi = data["vector_index"]
     table.add_row("vector index", ", ".join(f"{k}={v}" for k, v in vi.items()) if vi else "not built yet")
@@ -178,8 +284,15 @@ def print_info(console: Console, data: dict) -> None:
                      if lookup else ", lookup not built yet"))
     table.add_row("size on disk", f"{data['size_bytes'] / 1e6:.1f} MB")
     console.print(table)
-    for e in data.get("errors", []):
-        console.print(f"{e['status']:8} {e['path']}: {e['error']}", highlight=False, markup=False)
+
+
+def _print_errors(console: Console, errors: list[dict]) -> None:
+    """`info --errors`: only the files that failed or were skipped, or a line saying there are none."""
+    if not errors:
+        console.print("no files failed or were skipped")
+        return
+    for e in errors:
+        console.print(f"{e['status']:8} {e['path']}: {e['error']}", highlight=False, markup=False, soft_wrap=True)
 
 
 def print_doctor(console: Console, report: DoctorReport) -> None:
@@ -197,7 +310,9 @@ def print_doctor(console: Console, report: DoctorReport) -> None:
         console.print("after repair:" if left else "[green]after repair: all problems fixed[/]")
         _print_findings(console, left)
     if not report.ok:
-        hint = "" if report.remaining is not None else "; 'audiosearch doctor --repair' fixes those marked fixable"
+        fixable = any(f.problem and f.repairable for f in report.findings)
+        hint = ("" if report.remaining is not None else "; 'audiosearch doctor --repair' fixes those marked fixable"
+                if fixable else "; --repair cannot fix these: each line says what to do")
         console.print(f"[red]the index has problems[/]{hint}", highlight=False)
 
 

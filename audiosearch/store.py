@@ -193,10 +193,10 @@ class Store:
     def label_names(self) -> dict[int, str]:
         return dict(self.db.execute("SELECT id, name FROM labels").fetchall())
 
-    def label_counts(self) -> list[tuple[str, int]]:
-        return self.db.execute(
-            "SELECT name, count FROM labels WHERE count > 0 ORDER BY count DESC, name"
-        ).fetchall()
+    def label_counts(self, *, all_labels: bool = False) -> list[tuple[str, int]]:
+        """(label, segments carrying it), most common first; `all_labels` adds those no segment carries."""
+        where = "" if all_labels else "WHERE count > 0 "
+        return self.db.execute(f"SELECT name, count FROM labels {where}ORDER BY count DESC, name").fetchall()
 
     def label_filter(self, label_ids: Iterable[int]) -> LabelFilter:
         return LabelFilter(self.db, sorted(set(label_ids)))

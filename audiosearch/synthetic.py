@@ -9,6 +9,7 @@ mean nothing; it exists so the compute and the plumbing are real.
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,9 @@ def save_random_checkpoint(path: str | Path, seed: int = 0, **config) -> Path:
     """Save a randomly initialised ASTForAudioClassification (ASTConfig defaults unless overridden)."""
     import torch
     from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per shard written: noise in tests and the demo
 
     labels = audioset_labels()
     torch.manual_seed(seed)
@@ -34,7 +38,18 @@ def save_random_checkpoint(path: str | Path, seed: int = 0, **config) -> Path:
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
     ASTFeatureExtractor(num_mel_bins=cfg.num_mel_bins, max_length=cfg.max_length).save_pretrained(path)
+    readable_by_all(path)
     return path
+
+
+def readable_by_all(folder: Path) -> None:
+    """Give a saved checkpoint's files the mode a plain file gets (0644 under umask 022): the safetensors
+    writer creates its file 0600, which hides the model from every other user of a shared demo or cache."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in folder.iterdir():
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
 
 
 def tone(freq: float, seconds: float, rate: int = SAMPLE_RATE, amp: float = 0.3) -> np.ndarray:

@@ -32,7 +32,9 @@ def set_discriminative_head(path: Path, clips: list[tuple[np.ndarray, str]]) -> 
     each generated sound gets its family's label with a clear margin.
     """
     from transformers import ASTForAudioClassification
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     net = ASTForAudioClassification.from_pretrained(path).eval()
     label_ids = {name: i for i, name in net.config.id2label.items()}
     x = _pooled(net, [c for c, _ in clips]).double()
@@ -49,6 +51,7 @@ def set_discriminative_head(path: Path, clips: list[tuple[np.ndarray, str]]) -> 
         net.classifier.dense.weight.copy_(weight)
         net.classifier.dense.bias.copy_(bias)
     net.save_pretrained(path, safe_serialization=True)
+    syn.readable_by_all(path)
 
 
 def write(path: Path, samples: np.ndarray, rate: int, channels: int = 1, **kwargs) -> Path:

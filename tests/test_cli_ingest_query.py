@@ -23,7 +23,8 @@ def run(*args: str) -> str:
 
 
 def query_json(index: Path, model: Path, clip: Path, *extra: str) -> list[dict]:
-    return json.loads(run("query", clip, "--index", index, "--model", model, "--json", *extra))
+    """The hits of `query --json` (one object per clip; see test_cli_output.py for the whole object)."""
+    return json.loads(run("query", clip, "--index", index, "--model", model, "--json", *extra))["hits"]
 
 
 @pytest.fixture(scope="module")

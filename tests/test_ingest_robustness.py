@@ -45,8 +45,12 @@ def cli(*args: object, code: int = 0) -> str:
 
 
 def ingest_json(folder: Path, index: Path, model: Path | None = None, *extra: object) -> dict:
+    """The --json summary; the exit code must be 3 exactly when files failed (README: exit codes)."""
     args = ["ingest", folder, "--index", index, "--json", *extra] + (["--model", model] if model else [])
-    return json.loads(cli(*args))
+    result = runner.invoke(app, [str(a) for a in args])
+    summary = json.loads(result.stdout)
+    assert result.exit_code == (3 if summary["failed"] or summary["unlisted_folders"] else 0), result.output
+    return summary
 
 
 def rows(index: Path, sql: str, args: tuple = ()) -> list[tuple]:
@@ -262,9 +266,10 @@ def test_bad_files_are_recorded_and_good_ones_indexed(bad_library, bad_ingest, t
     for name in ("trunc_flac", "zero", "random", "huge_flac", "codec", "loop_a", "loop_b", "dangling", "vanishing"):
         state, error = status[str(p[name])]
         assert state == "failed" and error and failed[str(p[name])] == error, name
-    assert "not readable audio" in status[str(p["codec"])][1] and "not readable audio" in status[str(p["zero"])][1]
+    assert "not readable audio" in status[str(p["codec"])][1] and status[str(p["zero"])][1] == "an empty file (0 bytes)"
+    assert status[str(p["dangling"])][1].startswith("a broken symlink"), status[str(p["dangling"])][1]
     assert "symbolic links" in status[str(p["loop_a"])][1]
-    assert "No such file" in status[str(p["vanishing"])][1] and "No such file" in status[str(p["dangling"])][1]
+    assert "No such file" in status[str(p["vanishing"])][1]
     assert failed[str(lib) + "/bad name \\xff.wav"].startswith("file name is not valid UTF-8")
     assert not any("fifo" in path or "bad name" in path or "/up/" in path for path in status)
     if os.access(p["no_access"], os.R_OK):
@@ -309,7 +314,9 @@ def test_unlistable_folder_keeps_its_files(tiny_model, tmp_path, monkeypatch):
     finally:
         hidden.parent.chmod(0o755)
     assert summary["removed"] == 0 and str(hidden) in files(index)
-    assert summary["failed"][0]["path"] == str(hidden.parent) and "cannot list folder" in summary["failed"][0]["error"]
+    assert summary["failed"] == []  # a folder is not a file: it is listed on its own
+    unlisted = summary["unlisted_folders"]
+    assert unlisted[0]["path"] == str(hidden.parent) and "cannot list folder" in unlisted[0]["error"]
 
 
 def _deny(path, denied: Path, real):

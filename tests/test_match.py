@@ -66,7 +66,7 @@ def match_index(match_library, tiny_model, tmp_path_factory) -> Path:
 
 
 def query(index: Path, model: Path, clip: Path, *extra: str) -> list[dict]:
-    return json.loads(run("query", clip, "--index", index, "--model", model, "--json", *extra))
+    return json.loads(run("query", clip, "--index", index, "--model", model, "--json", *extra))["hits"]
 
 
 # -- fingerprints and keys ------------------------------------------------------------------
@@ -272,7 +272,10 @@ def test_very_short_library_sounds_are_found(match_index, match_library, tiny_mo
 def test_table_says_duplicate_or_similar(match_index, match_library, tiny_model, tmp_path):
     clip = excerpt(match_library / "melody_a.wav", 3.0, 6.0, tmp_path / "cut.wav")
     out = run("query", clip, "--index", match_index, "--model", tiny_model, "--no-filter", "-k", "3")
-    assert "duplicate" in out and "0:03." in out and "similar" in out
+    rows = [line.split("\t") for line in out.splitlines() if "\t" in line]  # piped: tab-separated
+    assert rows[0][3:6] == ["match", "start", "end"]
+    assert rows[1][3] == "duplicate" and abs(float(rows[1][4]) - 3.0) < 0.2
+    assert any(r[3] == "similar" for r in rows[2:])
 
 
 def test_python_api_matches_a_waveform_in_memory(match_index, match_library):
