@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup system-deps test demo bench bench-search clean
+.PHONY: setup system-deps test demo bench bench-search bench-match clean
 
 setup: system-deps $(VENV)/.installed
 
@@ -29,6 +29,14 @@ bench: setup
 
 bench-search: setup
 	$(PY) -m benchmarks.search
+
+# Matching benchmark: builds its test set once (needs sox, ffmpeg, espeak-ng, fluidsynth; see BENCHMARKS.md),
+# then matches every query, beside audfprint when AUDFPRINT points at a checkout of dpwe/audfprint.
+MATCHSET ?= build/matchset
+AUDFPRINT ?=
+bench-match: setup
+	@test -f $(MATCHSET)/manifest.json || $(PY) -m benchmarks.match build --out $(MATCHSET)
+	$(PY) -m benchmarks.match run --set $(MATCHSET) $(if $(AUDFPRINT),--audfprint $(AUDFPRINT))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo

@@ -1,0 +1,1 @@
+"""The matching benchmark's test set (builder, sources, edits) and its runner."""
