@@ -21,10 +21,19 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--seed", type=int, default=11)
     b.add_argument("--per-edit", type=int, default=20, help="queries per edit row")
     b.add_argument("--jobs", type=int, default=2)
+    r = sub.add_parser("run", help="ingest the set's library, match every query, print the tables")
+    r.add_argument("--set", type=Path, required=True, help="a folder made by `build`")
+    r.add_argument("--audfprint", type=Path, help="a checkout of github.com/dpwe/audfprint to run beside ours")
+    r.add_argument("--audfprint-python", default="python3",
+                   help="interpreter with audfprint's requirements (numpy scipy docopt joblib psutil)")
+    r.add_argument("--skip-synthetic", action="store_true", help="leave out the 1,000 / 10,000 h lookup timings")
     args = ap.parse_args(argv)
     if args.command == "build":
         from .matchset.build import build
         build(args.out, seed=args.seed, per_edit=args.per_edit, jobs=args.jobs)
+    else:
+        from .matchset.run import run
+        run(args.set, args.audfprint, args.audfprint_python, args.skip_synthetic)
 
 
 if __name__ == "__main__":

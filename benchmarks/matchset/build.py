@@ -88,7 +88,8 @@ def plan_recordings(seed: int, font: str) -> tuple[list[Job], list[Job]]:
         speech_job(f"library/speech/{lang}.wav", " ".join(texts), lang, f"lang-{lang}", lib)
         speech_job(f"library/speech/{lang}_f.wav", " ".join(reversed(texts)), f"{lang}+f3", f"lang-{lang}-f", lib)
     for i in range(6):  # unrelated speech outside: new passages, new voices
-        speech_job(f"outside/unrelated/speech{i}.wav", S.passage(g, 2, 6), g.choice(S.VOICES), f"out-speech{i}", out)
+        text = " ".join(g.sample(S.OUTSIDE_SENTENCES, g.randint(3, 6)))
+        speech_job(f"outside/unrelated/speech{i}.wav", text, g.choice(S.VOICES), f"out-speech{i}", out)
 
     # music: tunes played twice in the library (other instrument and tempo) and once more outside
     def music_job(rel, tune, prog, bass, bpm, acc, group, into):
@@ -143,7 +144,7 @@ def _babble(path: Path, seed: int) -> None:
     voices = []
     for k in range(4):
         v = path.with_suffix(f".{k}.wav")
-        S.speech(v, " ".join(r.sample(S.SENTENCES, 8)), r.choice(S.VOICES), r)
+        S.speech(v, " ".join(r.sample(S.OUTSIDE_SENTENCES, 8)), r.choice(S.VOICES), r)
         voices.append(v)
     run(["sox", "-m", *map(str, voices), str(path), "trim", "0", "40", "norm", "-3"])
     for v in voices:
@@ -186,6 +187,7 @@ class Query:
     negative: str | None = None  # non-members: other_speaker, melody_replayed, other_take, unrelated, package
     related: list[str] | None = None  # library files alike on purpose (same text, melody, recipe)
     whole_file: bool = False
+    origin: str | None = None  # the recording the query was cut from (for non-members, outside the library)
 
 
 def _edit_job(root: Path, q: Query, src: Path, offset: float, length: float, seed: int, bg: dict) -> Query:
@@ -228,7 +230,8 @@ def plan_queries(lib: list[Job], out: list[Job], durations: dict[str, float], se
             for rel in g.sample(long, min(per_edit, len(long))):
                 length = float(strength.split()[0]) if edit == "excerpt" else g.uniform(8, 12)
                 off, length = excerpt(rel, length)
-                q = Query(f"queries/q{n:04d}.wav", row, edit, strength, True, rel, off, round(off + length, 3))
+                q = Query(f"queries/q{n:04d}.wav", row, edit, strength, True, rel, off, round(off + length, 3),
+                          origin=rel)
                 plan.append((q, rel, off, length))
                 n += 1
     for rows, pool, tag in ((WHOLE_ROWS, whole, "whole file"), (SHORT_ROWS, short, "short sound")):
@@ -236,7 +239,8 @@ def plan_queries(lib: list[Job], out: list[Job], durations: dict[str, float], se
             row = f"{tag}: {edit}" + (f" {strength}" if strength != "-" else "")
             for rel in g.sample(pool, min(per_edit, len(pool))):
                 d = durations[rel]
-                q = Query(f"queries/q{n:04d}.wav", row, edit, strength, True, rel, 0.0, round(d, 3), whole_file=True)
+                q = Query(f"queries/q{n:04d}.wav", row, edit, strength, True, rel, 0.0, round(d, 3), whole_file=True,
+                          origin=rel)
                 plan.append((q, rel, 0.0, d))
                 n += 1
     groups: dict[str, list[str]] = {}
@@ -251,7 +255,7 @@ def plan_queries(lib: list[Job], out: list[Job], durations: dict[str, float], se
         whole_file = d < 12.5
         off, length = (0.0, d) if whole_file else excerpt(j.rel, g.uniform(8, 12))
         q = Query(f"queries/n{n:04d}.wav", f"non-member: {negative}", edit, strength, False, None,
-                  negative=negative, related=sorted(groups.get(j.group, [])), whole_file=whole_file)
+                  negative=negative, related=sorted(groups.get(j.group, [])), whole_file=whole_file, origin=j.rel)
         plan.append((q, j.rel, off, length))
         n += 1
     return plan

@@ -50,6 +50,21 @@ SENTENCES = [
     "Backups run every night and are kept for thirty days.",
     "The violinist tuned her instrument while the audience found their seats.",
 ]
+# read only outside the library ("unrelated" non-members and the babble), never by a library voice
+OUTSIDE_SENTENCES = [
+    "The harbour master counted forty sailing boats before the storm arrived.",
+    "Grandfather keeps his stamp collection in a green leather album.",
+    "Our office moves to the fifth floor of the glass tower in June.",
+    "Slice the onions thinly and fry them until they turn golden.",
+    "A family of otters was seen playing under the wooden footbridge.",
+    "The printer on the second floor has run out of blue ink again.",
+    "Heavy fog closed the motorway between the two northern towns.",
+    "Her first novel tells the story of a lighthouse keeper and his dog.",
+    "Tickets for the late show are sold at the small window on the left.",
+    "The orchestra rehearsed the final movement three times on Friday.",
+    "Wind turbines on the ridge produce power for twelve villages.",
+    "He forgot his keys, so he climbed in through the kitchen window.",
+]
 FOREIGN = {
     "de": ["Der Zug nach Berlin hat heute leider zwanzig Minuten Verspätung.",
            "Im Sommer fahren wir mit dem Fahrrad an den großen See.",
@@ -136,6 +151,8 @@ def make_tune(rng: random.Random, beats_min: float) -> Tune:
     while start < beats_min:
         shift = rng.choice([0, 0, 0, 2, -2, 5]) if start else 0  # later repeats may be transposed
         for (nt, nd, p) in phrase:
+            if start and rng.random() < 0.35:  # and varied: no two stretches of a file are the same audio
+                p += rng.choice([-3, -2, -1, 1, 2, 4])
             melody.append(Note(start + nt, nd * 0.9, p + shift, rng.randint(70, 110)))
         for b in range(bars):
             bass.append(Note(start + 4 * b, 1.8, root - 24 + shift + rng.choice([0, 5, 7, 0]), 80))
