@@ -14,6 +14,7 @@ import random
 import shutil
 import tempfile
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,10 +129,12 @@ def plan_recordings(seed: int, font: str) -> tuple[list[Job], list[Job]]:
                 Job(rel, "short", f"short-{recipe}", lambda p, r=rel, rc=recipe: S.short(p, rc, _rng(seed, r))))
 
     # recordings from installed packages: three in four into the library, the rest outside
-    for j, src in enumerate(S.package_sounds()):
-        into, top = (out, "outside/package") if j % 4 == 3 else (lib, "library/package")
+    for src in S.package_sounds():
+        family = S.package_family(src)
+        outside = zlib.crc32(f"{seed}:{family}".encode()) % 4 == 3
+        into, top = (out, "outside/package") if outside else (lib, "library/package")
         rel = f"{top}/{src.parent.name}-{src.name}"
-        into.append(Job(rel, "package", f"pkg-{src.stem}", lambda p, s=src: S.copy_package(s, p)))
+        into.append(Job(rel, "package", f"pkg-{family}", lambda p, s=src: S.copy_package(s, p)))
 
     # backgrounds for mixing: babble (four voices at once) and music, neither in the library
     out.append(Job("outside/background/babble.wav", "background", "babble", lambda p: _babble(p, seed)))

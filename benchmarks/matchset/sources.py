@@ -8,7 +8,9 @@ outside it), each synthesis recipe has another take outside the library.
 
 from __future__ import annotations
 
+import hashlib
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,11 +274,33 @@ PACKAGE_EXT = (".wav", ".oga", ".ogg")
 
 
 def package_sounds() -> list[Path]:
-    """Recordings shipped by installed Debian packages (sound themes, alsa-utils, sound-icons), sorted."""
+    """Recordings shipped by installed Debian packages (sound themes, alsa-utils, sound-icons), sorted.
+
+    Links and byte-identical copies (sound-icons ships both) are kept once.
+    """
     found: list[Path] = []
+    seen: set[str] = set()
     for pattern in PACKAGE_GLOBS:
-        found += sorted(p for p in Path("/").glob(pattern) if p.suffix.lower() in PACKAGE_EXT and p.is_file())
+        for p in sorted(Path("/").glob(pattern)):
+            if p.suffix.lower() not in PACKAGE_EXT or not p.is_file():
+                continue
+            digest = hashlib.sha1(p.read_bytes()).hexdigest()
+            if digest not in seen:
+                seen.add(digest)
+                found.append(p)
     return found
+
+
+def package_family(path: Path) -> str:
+    """Sounds that may share audio (numbered variants, "-long"/"-cink" versions, one theme's voice prompts)
+    form one family; a family goes wholly into the library or wholly outside it."""
+    if path.parent.name == "alsa":
+        return "alsa"
+    words = [w for w in re.split(r"[-_]", path.stem.lower()) if not w.isdigit() and w not in _VARIANT_WORDS]
+    return "-".join(words[:2])
+
+
+_VARIANT_WORDS = {"long", "short", "cink", "very", "serious", "critical"}
 
 
 def copy_package(src: Path, dest: Path) -> None:
