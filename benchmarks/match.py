@@ -27,13 +27,16 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--audfprint-python", default="python3",
                    help="interpreter with audfprint's requirements (numpy scipy docopt joblib psutil)")
     r.add_argument("--skip-synthetic", action="store_true", help="leave out the 1,000 / 10,000 h lookup timings")
+    r.add_argument("--work", type=Path, help="scratch folder for indexes and the report (default: SET/_run)")
+    r.add_argument("--no-lock", action="store_true",
+                   help="accuracy only: do not wait for the benchmark lock; run at nice 19; times are not timings")
     args = ap.parse_args(argv)
     if args.command == "build":
         from .matchset.build import build
         build(args.out, seed=args.seed, per_edit=args.per_edit, jobs=args.jobs)
     else:
         from .matchset.run import run
-        run(args.set, args.audfprint, args.audfprint_python, args.skip_synthetic)
+        run(args.set, args.audfprint, args.audfprint_python, args.skip_synthetic, args.work, not args.no_lock)
 
 
 if __name__ == "__main__":

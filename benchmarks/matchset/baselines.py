@@ -33,7 +33,11 @@ hop = analyzer.n_hop / analyzer.target_sr
 for line in sys.stdin:
     q = line.rstrip("\n")
     t0, c0 = time.perf_counter(), time.process_time()
-    rs, dur, nhash = matcher.match_file(analyzer, ht, q)
+    try:
+        rs, dur, nhash = matcher.match_file(analyzer, ht, q)
+    except Exception as e:  # audfprint's reader failing on one file: reported, not fatal
+        print(json.dumps({"query": q, "error": f"{type(e).__name__}: {e}"}), flush=True)
+        continue
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     hits = [{"name": ht.names[int(r[0])], "aligned": int(r[1]), "raw": int(r[3]),
              "qstart": float(r[5]) * hop, "qend": float(r[6]) * hop, "offset": float(r[2]) * hop} for r in rs]
@@ -92,6 +96,8 @@ class Audfprint:
         for line in p.stdout.splitlines():
             if line.startswith("{"):
                 r = json.loads(line)
+                if "error" in r:
+                    print(f"audfprint: {r['query']}: {r['error']} (counted as no verdict)")
                 out[r["query"]] = r
         return out
 
