@@ -25,12 +25,12 @@ _DRIVER = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import docopt, audfprint, hash_table
-args = docopt.docopt(audfprint.USAGE, argv=["match", "-d", sys.argv[2], "-R", "-x", "1", *sys.argv[3:]])
+args = docopt.docopt(audfprint.USAGE, argv=["match", "-d", sys.argv[2], "-R", "-x", "1", *sys.argv[4:]])
 args["--maxtimebits"] = hash_table._bitsfor(int(args["--maxtime"]))
 analyzer, matcher = audfprint.setup_analyzer(args), audfprint.setup_matcher(args)
 ht = hash_table.HashTable(sys.argv[2])
 hop = analyzer.n_hop / analyzer.target_sr
-for line in sys.stdin:
+for line in open(sys.argv[3]):  # not stdin: audfprint's ffmpeg inherits stdin and would eat from it
     q = line.rstrip("\n")
     t0, c0 = time.perf_counter(), time.process_time()
     try:
@@ -78,7 +78,8 @@ class Audfprint:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         p = subprocess.run([self.python, str(self.checkout / "audfprint.py"), "new", "-d", str(db), "-l",
-                            str(listing), "-H", "1", "-C", *AUDFPRINT_DEFAULTS], capture_output=True, text=True)
+                            str(listing), "-H", "1", "-C", *AUDFPRINT_DEFAULTS], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True)
         wall = time.perf_counter() - t0
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if p.returncode != 0:
@@ -88,8 +89,10 @@ class Audfprint:
 
     def match(self, db: Path, queries: list[Path]) -> dict[str, dict]:
         """query path -> {"wall", "cpu", "hits": [{"name", "offset", "qstart", "qend", "aligned", "raw"}]}."""
-        p = subprocess.run([self.python, "-c", _DRIVER, str(self.checkout), str(db)],
-                           input="".join(f"{q}\n" for q in queries), capture_output=True, text=True)
+        listing = db.with_suffix(".queries")
+        listing.write_text("".join(f"{q}\n" for q in queries))
+        p = subprocess.run([self.python, "-c", _DRIVER, str(self.checkout), str(db), str(listing)],
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if p.returncode != 0:
             raise RuntimeError(f"audfprint match failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
         out = {}
