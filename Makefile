@@ -34,9 +34,10 @@ bench-search: setup
 # then matches every query, beside audfprint when AUDFPRINT points at a checkout of dpwe/audfprint.
 MATCHSET ?= build/matchset
 AUDFPRINT ?=
+AUDFPRINT_PY ?= python3
 bench-match: setup
 	@test -f $(MATCHSET)/manifest.json || $(PY) -m benchmarks.match build --out $(MATCHSET)
-	$(PY) -m benchmarks.match run --set $(MATCHSET) $(if $(AUDFPRINT),--audfprint $(AUDFPRINT))
+	$(PY) -m benchmarks.match run --set $(MATCHSET) $(if $(AUDFPRINT),--audfprint $(AUDFPRINT) --audfprint-python $(AUDFPRINT_PY))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo
