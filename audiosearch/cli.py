@@ -47,7 +47,9 @@ ModelOpt = Annotated[
                  "else MIT/ast-finetuned-audioset-10-10-0.4593)."),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto, cpu or cuda.")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", metavar="P", help="auto, fp32, bf16 or fp16.")]
+PrecisionOpt = Annotated[str, typer.Option(
+    "--precision", metavar="P", help="auto, fp32, bf16, fp16 or int8 (CPU only). auto: bf16 on GPUs and on CPUs with "
+    "native bf16; otherwise int8 for ingest and query, fp32 for embed.")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", min=1, metavar="N", help="Segments per model batch.")]
 WorkersOpt = Annotated[Optional[int], typer.Option(
     "--workers", min=0, metavar="N", help="Decoding processes; 0 decodes in this process (default: 1 on a CPU, cores-1 on a GPU).")]

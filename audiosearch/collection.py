@@ -72,6 +72,13 @@ class Collection:
             return
         self.check_model(model)
 
+    def record_precision(self, precision: str) -> None:
+        """Remember each precision that embedded files into this index, for `info`. Vectors of
+        one model at different precisions search together (cosine >= 0.99 between them)."""
+        used = set(filter(None, self.meta.get("precision", "").split("+")))
+        if precision not in used:
+            self.store.set_meta({"precision": "+".join(sorted(used | {precision}))})
+
     def check_model(self, model: Model) -> None:
         meta = self.meta
         if meta.get("fingerprint") not in (None, model.fingerprint):
@@ -279,6 +286,7 @@ def collection_info(index_dir: str | Path, *, errors: bool = False) -> dict:
         info = {
             "index": str(collection.dir.resolve()),
             "model": meta.get("model"),
+            "precision": meta.get("precision"),
             "files": stats["files"],
             "segments": stats["segments"],
             "hours": round(stats["hours"], 4),

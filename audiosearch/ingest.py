@@ -165,8 +165,10 @@ def _ingest_locked(collection: Collection, roots: list[Path], disk: list[DiskFil
         from .model import Model  # torch: only when there is something to embed or a model to bind
     if plan.embed:
         hop = hop_seconds or float(collection.meta.get("hop_seconds", SEGMENT_SECONDS))
-        net = Model(model or collection.model_name or DEFAULT_MODEL, device=device, precision=precision)
+        net = Model(model or collection.model_name or DEFAULT_MODEL, device=device, precision=precision,
+                    auto_int8=True)
         collection.bind_model(net, hop_seconds=hop)
+        collection.record_precision(net.precision)
         embedder = Embedder(net, batch_size=batch_size, workers=workers, hop_seconds=hop)
         _embed(collection, embedder, plan.embed, summary, progress)
     elif model:

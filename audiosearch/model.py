@@ -20,7 +20,7 @@ from .errors import ModelLoadError
 from .logmel import FeatureConfig, LogMel
 from .model_ref import DEFAULT_MODEL, check_model_available, model_reference
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -69,28 +69,65 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, *, allow_int8: bool = False) -> str:
     """Pick the fastest precision the hardware runs natively.
 
-    GPUs: bfloat16 where supported (Ampere and later), else float16. CPUs:
-    bfloat16 only with native support (AMX or AVX512-BF16); emulated bf16 is
-    slower than float32.
+    GPUs: bfloat16 where supported (Ampere and later), else float16. CPUs: bfloat16 with
+    native support (AMX or AVX512-BF16; emulated bf16 is slower than float32); otherwise
+    int8 linear layers when `allow_int8` (ingest and query: search can afford cosine >= 0.99
+    to float32), else float32 (`embed` and `Embedder`: features taken as the model's own).
     """
     if precision not in PRECISIONS:
         raise ModelLoadError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and device.type != "cpu":
+        raise ModelLoadError("--precision int8 runs on the CPU only; use --device cpu, or bf16/fp16 on a GPU")
     if precision != "auto":
         return precision
     if device.type == "cuda":
         with torch.cuda.device(device):  # native bf16 only: emulated bf16 (pre-Ampere) is slow
             return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    if cpu_has_native_bf16():
+        return "bf16"
+    return "int8" if allow_int8 else "fp32"
+
+
+def quantize_linear(net: torch.nn.Module) -> torch.nn.Module:
+    """In place: every nn.Linear as a dynamic int8 one: int8 weights (per output channel), activations
+    quantised per batch on the fly, int32 accumulation; attention, norms and GELU stay float32.
+
+    The linear layers are ~79% of AST's FLOPs and int8 GEMMs run at about twice float32's rate
+    on AVX2 (fbgemm's vpmaddubsw kernels) and on VNNI. Fidelity: tests/test_precision.py.
+    """
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
+        warnings.simplefilter("ignore")
+        return quantize_dynamic(net, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
 
 
 def cpu_has_native_bf16() -> bool:
+    """AMX or AVX512-BF16, and the kernels allowed to use them (not capped with
+    ATEN_CPU_CAPABILITY=avx2 or ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16)."""
     cpu = torch.cpu
-    return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)()) or bool(
+    hardware = bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)()) or bool(
         getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
     )
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    capped = torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2") or not onednn.startswith(_BF16_ISAS)
+    return hardware and not capped
+
+
+_BF16_ISAS = ("ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10")
+
+
+def cpu_features() -> set[str]:
+    """The CPU's vector and matrix extensions that matter here (AVX2, AVX-512, VNNI, AMX), from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return {f for f in flags if f in ("avx2", "fma", "avx_vnni") or f.startswith(("avx512", "amx"))}
 
 
 class Model:
@@ -101,10 +138,13 @@ class Model:
     ever runs.
     """
 
-    def __init__(self, name_or_path: str = DEFAULT_MODEL, *, device: str = "auto", precision: str = "auto"):
+    def __init__(self, name_or_path: str = DEFAULT_MODEL, *, device: str = "auto", precision: str = "auto",
+                 auto_int8: bool = False):
+        """`auto_int8`: whether `precision="auto"` may pick int8 (CPUs without native bf16); ingest
+        and query allow it, embedding for its own sake does not (see `resolve_precision`)."""
         self.name = model_reference(str(name_or_path))  # what an index records: an absolute path or a hub id
         self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(precision, self.device, allow_int8=auto_int8)
         self.net, extractor = _load(self.name)
         self.fingerprint = _fingerprint(self.net)  # of the stored weights, before any cast
         self.net.to(self.device).eval()
@@ -113,6 +153,8 @@ class Model:
         # see tests/test_precision.py). fp16 would risk overflow: it runs under autocast.
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.net.to(self.dtype)
+        if self.precision == "int8":  # the encoder's: the head is 0.0003% of the FLOPs, and amplifies errors
+            quantize_linear(self.net.audio_spectrogram_transformer)
         self.features = FeatureConfig.from_extractor(extractor)
         self.logmel = LogMel(self.features).to(self.device)
         if self.device.type == "cpu":
@@ -163,6 +205,15 @@ class Model:
     def forward_features(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The network alone, at the model's precision: features [B, frames, mel bins] ->
         (pooled output [B, D], logits [B, labels], last hidden state [B, tokens, D])."""
+        if self.precision == "int8":
+            # One segment at a time: a dynamic int8 layer scales its input by the tensor's range, so
+            # in a batch a loud segment would coarsen its neighbours' steps and a segment's embedding
+            # would depend on the files it happened to be batched with.
+            outs = [self._forward(feats[i : i + 1]) for i in range(len(feats))]
+            return tuple(torch.cat(parts) for parts in zip(*outs))
+        return self._forward(feats)
+
+    def _forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with self._autocast():
             out = self.net.audio_spectrogram_transformer(feats.to(self.dtype))
             logits = self.net.classifier(out.pooler_output)

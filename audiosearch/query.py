@@ -136,7 +136,8 @@ def query_clips(
         check_model_available(model or collection.model_name or DEFAULT_MODEL)
         from .model import Model  # torch: imported once everything cheap has been checked
 
-        net = Model(model or collection.model_name or DEFAULT_MODEL, device=device, precision=precision)
+        net = Model(model or collection.model_name or DEFAULT_MODEL, device=device, precision=precision,
+                    auto_int8=True)
         collection.check_model(net)
         watch.lap("load model")
         index, _ = collection.load_index()

@@ -270,6 +270,7 @@ def print_info(console: Console, data: dict) -> None:
     table = Table(show_header=False)
     table.add_row("index", data["index"])
     table.add_row("model", str(data["model"]))
+    table.add_row("precision", data.get("precision") or "not recorded (built before audiosearch recorded it)")
     table.add_row("files", ", ".join(f"{n} {status}" for status, n in sorted(files.items())) or "0")
     table.add_row("segments", str(data["segments"]))
     table.add_row("audio", duration(data["hours"] * 3600))

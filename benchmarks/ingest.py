@@ -490,6 +490,22 @@ def _machine(device) -> str:
     return text
 
 
+ISA_CAPS = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS")
+
+
+def cpu_report() -> str:
+    """The CPU, its vector/matrix features, any instruction-set caps in the environment, and
+    what audiosearch makes of it (native bf16 or not)."""
+    import torch
+
+    from audiosearch.model import cpu_features, cpu_has_native_bf16
+
+    caps = [f"{k}={os.environ[k]}" for k in ISA_CAPS if k in os.environ]
+    return (f"CPU: {_machine(torch.device('cpu'))}; features: {' '.join(sorted(cpu_features())) or 'none found'}; "
+            f"torch kernels: {torch.backends.cpu.get_cpu_capability()}; "
+            f"instruction-set caps: {' '.join(caps) or 'none'}; native bf16: {'yes' if cpu_has_native_bf16() else 'no'}")
+
+
 def print_report(r: dict) -> None:
     from rich.console import Console
     from rich.table import Table

@@ -1,4 +1,4 @@
-"""The embeddings are the model's: float32 matches the Hugging Face reference, bf16 matches float32.
+"""The embeddings are the model's: float32 matches the Hugging Face reference, bf16 and int8 match float32.
 
 Reference path: each 16 kHz segment through `ASTFeatureExtractor` (float64
 numpy fbank) and `ASTForAudioClassification` one at a time, pooled output
@@ -99,6 +99,81 @@ def test_bf16_agrees_with_fp32(checkpoint, library):
     assert score_diff < 0.02, score_diff  # measured: 5e-3 on the deep model
 
 
+def top5_overlaps(full: dict, low: dict) -> list[int]:
+    """Per segment, how many of `low`'s top-5 labels are in float32's top 5. A label whose float32
+    score is within 0.001 of float32's fifth counts as in: the tiny model's head scores every label
+    but a clip's own at ~0.00034 (logit -8 +- 0.02), so its ranks 2-5 are ties that any rounding reorders."""
+    out = []
+    for k in full:
+        ref, got = full[k][1], low[k][1]
+        fifth = np.sort(ref)[-5]
+        out.append(int(sum(ref[j] >= fifth - 1e-3 for j in np.argsort(-got)[:5])))
+    return out
+
+
+def test_int8_agrees_with_fp32(checkpoint, library):
+    """What search needs from int8 linear layers: each segment's embedding within cosine 0.99 of
+    float32's, and at least 4 of its top-5 labels the same."""
+    files = library_files(library)
+    full, low = pipeline(checkpoint, files, "fp32"), pipeline(checkpoint, files, "int8")
+    cos = cosines(full, low)
+    assert cos.min() >= 0.99, cos
+    assert min(top5_overlaps(full, low)) >= 4, top5_overlaps(full, low)
+    assert all(np.argmax(full[k][1]) == np.argmax(low[k][1]) for k in full)
+
+
+def test_int8_embeddings_do_not_depend_on_batch_companions(tiny_model, library):
+    """int8 layers scale each input by its range: batched or alone, a segment gets the same embedding."""
+    files = library_files(library)
+    batched = pipeline(tiny_model, files, "int8")
+    embedder = Embedder(str(tiny_model), device="cpu", precision="int8", batch_size=1, workers=0)
+    single = {(f.path, s.start): (s.embedding, s.scores) for f in embedder.embed_files(files) for s in f.segments}
+    assert cosines(batched, single).min() > 0.999999
+
+
+def test_int8_quantises_the_encoders_linear_layers_only(tiny_model):
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    net = Model(str(tiny_model), device="cpu", precision="int8").net
+    kinds = {type(m) for m in net.audio_spectrogram_transformer.modules()}
+    assert DynamicLinear in kinds and torch.nn.Linear not in kinds
+    assert type(net.classifier.dense) is torch.nn.Linear
+    assert net.audio_spectrogram_transformer.embeddings.patch_embeddings.projection.weight.dtype == torch.float32
+
+
+def test_auto_picks_int8_only_where_allowed_and_bf16_is_not_native(monkeypatch):
+    from audiosearch import model as model_module
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: False)
+    assert model_module.resolve_precision("auto", cpu, allow_int8=True) == "int8"  # ingest, query
+    assert model_module.resolve_precision("auto", cpu) == "fp32"  # embed, Embedder
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: True)
+    assert model_module.resolve_precision("auto", cpu, allow_int8=True) == "bf16"
+
+
+def test_embedder_defaults_to_float32_without_native_bf16(tiny_model, monkeypatch):
+    from audiosearch import model as model_module
+
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: False)
+    assert Embedder(str(tiny_model), device="cpu").model.precision == "fp32"
+
+
+def test_capped_instruction_set_means_no_native_bf16(monkeypatch):
+    from audiosearch.model import cpu_has_native_bf16
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not cpu_has_native_bf16()
+
+
+def test_int8_on_a_gpu_is_a_clear_error():
+    from audiosearch.errors import ModelLoadError
+    from audiosearch.model import resolve_precision
+
+    with pytest.raises(ModelLoadError, match="CPU only"):
+        resolve_precision("int8", torch.device("cuda"))
+
+
 def test_bf16_tokens_are_float32_and_agree(tiny_model):
     signal = syn.chirp(200, 4000, 8)
     full = Embedder(str(tiny_model), device="cpu", precision="fp32", tokens=True).embed_waveform(signal, 16000)
@@ -121,9 +196,8 @@ def test_batching_does_not_change_embeddings(tiny_model, library):
 
 
 def test_fingerprint_does_not_depend_on_precision(tiny_model):
-    assert fingerprint(Model(str(tiny_model), device="cpu", precision="bf16")) == fingerprint(
-        Model(str(tiny_model), device="cpu", precision="fp32")
-    )
+    prints = {fingerprint(Model(str(tiny_model), device="cpu", precision=p)) for p in ("fp32", "bf16", "int8")}
+    assert len(prints) == 1
 
 
 def test_bf16_casts_the_weights_once(tiny_model):
