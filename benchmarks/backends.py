@@ -6,7 +6,7 @@ ONNX Runtime float32 / int8, OpenVINO float32, side by side in one run.
 Full-size random AST (ASTConfig defaults, the one `benchmarks.ingest` uses), a
 batch of real log-mel features from generated sound scenes. Every backend gets the
 same features and the same threads (all cores); each is timed over `--reps` batches
-after one warm-up, and scored against torch float32: per-segment cosine of the pooled
+after one warm-up (wall time and the process's CPU time), and scored against torch float32: per-segment cosine of the pooled
 embedding and the overlap of the top-5 labels. ONNX Runtime and OpenVINO run only
 when installed (they are not dependencies of audiosearch).
 
@@ -21,7 +21,6 @@ OpenVINO do not, so their figures stay the native CPU's):
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import tempfile
 import time
@@ -53,10 +52,10 @@ def features(model, batch: int) -> torch.Tensor:
     return model.logmel(waves, torch.full((batch,), waves.shape[1]))
 
 
-def torch_runner(net, dtype=torch.float32):
+def torch_runner(model):
+    """`Model.forward_features` at the model's precision, exactly as ingest runs it."""
     def run(x):
-        with torch.inference_mode():
-            pooled, logits = net(x.to(dtype))
+        pooled, logits, _ = model.forward_features(x)
         return pooled.float().numpy(), logits.float().numpy()
     return run
 
@@ -97,14 +96,11 @@ def openvino_runner(path: Path):
 
 
 def build(name: str, model, head: Head, x: torch.Tensor, tmp: Path, onnx: dict):
-    if name == "torch-fp32":
-        return torch_runner(head)
-    if name == "torch-bf16":
-        return torch_runner(copy.deepcopy(head).to(torch.bfloat16), torch.bfloat16)
-    if name == "torch-int8":
-        from audiosearch.model import quantize_linear
+    if name.startswith("torch-"):
+        from audiosearch.model import Model
 
-        return torch_runner(quantize_linear(copy.deepcopy(head)))
+        return torch_runner(model if name == "torch-fp32" else Model(model.name, device="cpu",
+                                                                     precision=name.split("-")[1]))
     if "fp32" not in onnx:
         onnx["fp32"] = onnx_file(head, x, tmp)
     if name == "ort-fp32":
@@ -137,8 +133,9 @@ def main(argv: list[str] | None = None) -> None:
     head = Head(model.net).eval()
     x = features(model, args.batch)
     ref = None
-    print(f"{'backend':14} {'segments/s':>10} {'vs fp32':>8} {'cos min':>8} {'cos mean':>8} {'top5 min':>8}", flush=True)
-    base = None
+    print(f"{'backend':14} {'segments/s':>10} {'vs fp32':>8} {'CPU s/seg':>9} {'vs fp32':>8} "
+          f"{'cos min':>8} {'cos mean':>8} {'top5 min':>8}", flush=True)
+    base = base_cpu = None
     with tempfile.TemporaryDirectory() as tmp:
         onnx: dict = {}
         for name in args.only.split(","):
@@ -148,14 +145,17 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{name:14} not installed ({e.name})", flush=True)
                 continue
             got = run(x)  # warm-up, and the output scored
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             for _ in range(args.reps):
                 run(x)
-            rate = args.batch * args.reps / (time.perf_counter() - start)
+            segments = args.batch * args.reps
+            rate, cpu_s = segments / (time.perf_counter() - start), (time.process_time() - cpu) / segments
             ref = got if ref is None else ref
             base = rate if base is None else base
             cmin, cmean, top = fidelity(ref, got)
-            print(f"{name:14} {rate:10.3f} {rate / base:7.2f}x {cmin:8.4f} {cmean:8.4f} {top:6d}/5", flush=True)
+            base_cpu = cpu_s if base_cpu is None else base_cpu
+            print(f"{name:14} {rate:10.3f} {rate / base:7.2f}x {cpu_s:9.2f} {base_cpu / cpu_s:7.2f}x "
+                  f"{cmin:8.4f} {cmean:8.4f} {top:6d}/5", flush=True)
             del run
     print(f"load average {os.getloadavg()[0]:.2f}")
 

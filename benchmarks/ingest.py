@@ -1,8 +1,8 @@
 """Ingest benchmark: `audiosearch ingest` against the reference path and the bare model.
 
-    python -m benchmarks.ingest [--device auto] [--files 96] [--batch-size B] [--precision auto]
+    python -m benchmarks.ingest [--device auto] [--files 96] [--batch-size B] [--precisions fp32,int8,bf16]
                                 [--workers W] [--rounds 3] [--formats wav,flac,ogg,mp3]
-                                [--paths reference,ingest,forward,decode] [--json]
+                                [--paths reference,ingest,forward,decode,host] [--json]
 
 A library of `--files` files (3..60 s, WAV/FLAC/OGG/MP3 or the `--formats`
 given, 16..48 kHz, mono and stereo) is generated once under benchmarks/.cache,
@@ -24,6 +24,15 @@ compute is the real model's. The paths are timed side by side, round-robin in
              decoders can feed the model; below `forward`, ingest is decode-bound
   host       `ingest` with the forward pass stubbed out (instant, fixed outputs)
              and the model loaded once: the ceiling of everything around the model
+  reference-process, ingest-process (only when named in --paths)
+             the reference loop over every file of the shard, and the
+             `audiosearch ingest` command, each in a fresh process per round:
+             interpreter start, imports and model load included
+
+ingest, forward, host and ingest-process run once per `--precisions` entry (on a
+CPU by default fp32, int8, and bf16 where the CPU has it natively), so their
+figures stand side by side. The report starts with the CPU's features and any
+instruction-set caps in the environment (see benchmarks/backends.py).
 
 Each path runs in its own process, so its peak RSS (and peak GPU memory) is its
 own, and so is its CPU time per segment (that process's threads, plus its decoder
@@ -249,7 +258,7 @@ class Forward:
         from audiosearch.model import Model
 
         self.torch = torch
-        self.model = Model(str(ckpt), device=args.device, precision=args.precision)
+        self.model = Model(str(ckpt), device=args.device, precision=args.precision, auto_int8=True)
         self.batch = args.batch_size or default_batch_size(self.model.device)
         self.batches = args.forward_batches
         c = self.model.features
@@ -279,7 +288,7 @@ class Host(Ingest):
         from audiosearch.model import Model, ModelOutput, PendingOutput
 
         super().__init__(args, ckpt)
-        loaded = Model(str(ckpt), device=args.device, precision=args.precision)
+        loaded = Model(str(ckpt), device=args.device, precision=args.precision, auto_int8=True)
         audiosearch.ingest.Model = lambda *_args, **_kwargs: loaded  # this process runs only this path
         config = json.loads((ckpt / "config.json").read_text())
         rows = 1024  # more than any batch
@@ -316,7 +325,58 @@ class Decode:
         return {"segments": segments, "files": len(files), "seconds": time.perf_counter() - start}
 
 
-PATHS = {"reference": Reference, "ingest": Ingest, "forward": Forward, "decode": Decode, "host": Host}
+class IngestProcess:
+    """`audiosearch ingest` as a user starts it, a fresh process each round: interpreter start,
+    imports and model load included (into a fresh index)."""
+
+    def __init__(self, args, ckpt: Path):
+        self.args, self.ckpt = args, ckpt
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-ingest-process-"))
+
+    def command(self, shard: Path, index: Path) -> list[str]:
+        a = self.args
+        cmd = [sys.executable, "-m", "audiosearch", "ingest", str(shard), "--index", str(index), "--model",
+               str(self.ckpt), "--device", a.device, "--precision", a.precision, "--json"]
+        if a.batch_size:
+            cmd += ["--batch-size", str(a.batch_size)]
+        if a.workers is not None:
+            cmd += ["--workers", str(a.workers)]
+        return cmd
+
+    def round(self, shard: Path, _want: int) -> dict:
+        import subprocess
+
+        index = self.tmp / shard.name
+        shutil.rmtree(index, ignore_errors=True)
+        start = time.perf_counter()
+        out = subprocess.run(self.command(shard, index), check=True, capture_output=True, text=True).stdout
+        seconds = time.perf_counter() - start
+        summary = json.loads(out.strip().splitlines()[-1])
+        return {"segments": summary["segments"], "files": summary["added"], "seconds": seconds}
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class ReferenceProcess(IngestProcess):
+    """The reference loop over every file of the shard, in a fresh process each round
+    (`--reference-only SHARD`): interpreter start, imports and model load included."""
+
+    def command(self, shard: Path, _index: Path) -> list[str]:
+        return [sys.executable, "-m", "benchmarks.ingest", "--device", self.args.device, "--cache", self.args.cache,
+                "--reference-only", str(shard)]
+
+
+def reference_only(args) -> None:
+    """Child of ReferenceProcess: embed every file of one shard the reference way, print a summary."""
+    ref = Reference(args, checkpoint(Path(args.cache)))
+    files = sorted(p for p in Path(args.reference_only).iterdir() if p.is_file())
+    print(json.dumps({"segments": sum(ref.embed_file(p) for p in files), "added": len(files)}))
+
+
+PATHS = {"reference": Reference, "ingest": Ingest, "forward": Forward, "decode": Decode, "host": Host,
+         "reference-process": ReferenceProcess, "ingest-process": IngestProcess}
+PER_PRECISION = ("ingest", "forward", "host", "ingest-process")  # run once per --precisions entry
 
 
 def _device(device: str) -> str:
@@ -328,7 +388,10 @@ def _device(device: str) -> str:
 def _serve(name: str, args: argparse.Namespace, ckpt: Path, conn) -> None:
     """Child process: build the path once, then time one round per request."""
     try:
-        path = PATHS[name](args, ckpt)
+        base, _, precision = name.partition(":")
+        if precision:
+            args = argparse.Namespace(**{**vars(args), "precision": precision})
+        path = PATHS[base](args, ckpt)
         conn.send(("ready", None))
         while (request := conn.recv()) is not None:
             shard, want = request
@@ -371,7 +434,7 @@ def run(args: argparse.Namespace) -> dict:
     from transformers import ASTConfig
 
     from audiosearch.embedder import default_batch_size, default_workers
-    from audiosearch.model import resolve_device, resolve_precision
+    from audiosearch.model import resolve_device
 
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -387,7 +450,8 @@ def run(args: argparse.Namespace) -> dict:
         "command": "python -m benchmarks.ingest " + " ".join(sys.argv[1:]),
         "machine": _machine(device),
         "device": str(device),
-        "precision": resolve_precision(args.precision, device),
+        "precisions": args.precisions,
+        "cpu": cpu_report() if device.type == "cpu" else None,
         "batch_size": args.batch_size or default_batch_size(device),
         "workers": default_workers(device) if args.workers is None else args.workers,
         "torch_threads": torch.get_num_threads(),
@@ -400,7 +464,9 @@ def run(args: argparse.Namespace) -> dict:
 
     ctx = mp.get_context("spawn")
     children = {}
-    for name in args.paths:
+    names = [f"{name}:{p}" if name in PER_PRECISION else name for name in args.paths for p in
+             (args.precisions if name in PER_PRECISION else [None])]
+    for name in names:
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_serve, args=(name, args, ckpt, child))  # not daemonic: ingest forks decoders
         proc.start()
@@ -408,7 +474,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         for name, (_, conn) in children.items():
             _expect(conn, "ready")
-        rounds = {name: [] for name in args.paths}
+        rounds = {name: [] for name in names}
         want = max(1, args.ref_segments // args.rounds)
         for r, shard in enumerate(shards):
             for name, (_, conn) in children.items():
@@ -428,7 +494,7 @@ def run(args: argparse.Namespace) -> dict:
 
     result["load_after"] = os.getloadavg()
     result["paths"] = {}
-    for name in args.paths:
+    for name in names:
         segments = sum(x["segments"] for x in rounds[name])
         seconds = sum(x["seconds"] for x in rounds[name])
         rate = segments / seconds
@@ -444,7 +510,7 @@ def run(args: argparse.Namespace) -> dict:
     p = result["paths"]
     # Headline ratios use each path's median round: on a shared machine another job can slow
     # any one round of any one path; the all-rounds ratios are kept alongside.
-    for one, other in RATIOS:
+    for one, other in ratios(args.precisions):
         if one in p and other in p:
             key = f"{one}_over_{other}"
             result[key] = p[one]["median_segments_per_s"] / p[other]["median_segments_per_s"]
@@ -453,7 +519,17 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-RATIOS = [("ingest", "reference"), ("ingest", "forward"), ("decode", "forward"), ("host", "forward")]
+def ratios(precisions: list[str]) -> list[tuple[str, str]]:
+    """Per precision: ingest against the reference and against its own bare forward; decoding and
+    the host side against the first precision's forward; the other precisions against the first."""
+    first = precisions[0]
+    out = []
+    for p in precisions:
+        out += [(f"ingest:{p}", "reference"), (f"ingest:{p}", f"forward:{p}"),
+                (f"ingest-process:{p}", "reference-process")]
+    out += [("decode", f"forward:{first}"), (f"host:{first}", f"forward:{first}")]
+    out += [(f"{path}:{p}", f"{path}:{first}") for p in precisions[1:] for path in ("forward", "ingest")]
+    return out
 
 
 def _expect(conn, kind: str):
@@ -512,8 +588,10 @@ def print_report(r: dict) -> None:
 
     console = Console(width=180)  # the table stays whole when piped to a file
     console.print(f"[bold]{r['command']}[/]")
+    if r["cpu"]:
+        console.print(r["cpu"], highlight=False)
     console.print(
-        f"{r['machine']}; device {r['device']}, precision {r['precision']}, batch {r['batch_size']}, "
+        f"{r['machine']}; device {r['device']}, precisions {', '.join(r['precisions'])}, batch {r['batch_size']}, "
         f"decode workers {r['workers']}, torch threads {r['torch_threads']}; "
         f"{r['gflop_per_segment']:.1f} GFLOP/segment; load avg {r['load_before'][0]:.2f} -> {r['load_after'][0]:.2f}"
     )
@@ -530,25 +608,28 @@ def print_report(r: dict) -> None:
         "forward": "(3) bare forward",
         "decode": f"(4) decoding alone, {r['workers']} workers",
         "host": "(5) ingest, forward stubbed out",
+        "reference-process": "(6) reference, whole process",
+        "ingest-process": "(7) audiosearch ingest, whole process",
     }
     for name, p in r["paths"].items():
+        base, _, precision = name.partition(":")
         row = [
-            labels[name], str(p["segments"]), str(p["files"]), f"{p['seconds']:.1f}", f"{p['segments_per_s']:.3f}",
+            labels[base] + (f", {precision}" if precision else ""), str(p["segments"]), str(p["files"]), f"{p['seconds']:.1f}", f"{p['segments_per_s']:.3f}",
             " ".join(f"{x:.3f}" for x in p["rounds"]), f"{p['median_segments_per_s']:.3f}",
-            "–" if name in ("decode", "host") else f"{p['tflops']:.3f}",
+            "–" if base in ("decode", "host") else f"{p['tflops']:.3f}",
             f"{p['cpu_ms_per_segment']:.2f}" + (f" + {c:.2f}*" if (c := p["children_cpu_ms_per_segment"]) else ""),
-            f"{p['peak_rss_mib']:.0f}" + (f" (decoders {p['peak_child_rss_mib']:.0f}*)" if name in ("ingest", "decode", "host") else ""),
+            f"{p['peak_rss_mib']:.0f}" + (f" (decoders {p['peak_child_rss_mib']:.0f}*)" if base in ("ingest", "decode", "host") else ""),
         ]
         if gpu:
             row.append(f"{p.get('peak_gpu_mib', 0):.0f}")
         table.add_row(*row)
     console.print(table)
-    ratios = [
+    lines = [
         f"{one} / {other} = [bold]{r[key]:.2f}x[/] (pooled {r[key + '_all_rounds']:.2f}x)"
-        for one, other in RATIOS if (key := f"{one}_over_{other}") in r
+        for one, other in ratios(r["precisions"]) if (key := f"{one}_over_{other}") in r
     ]
-    if ratios:
-        console.print("medians: " + "\n         ".join(ratios))
+    if lines:
+        console.print("medians: " + "\n         ".join(lines))
     console.print(
         f"TFLOP/s at the median rate; CPU: the path's process (all threads) + its decoders*. "
         f"* a decoder's RSS counts the model pages it shares with its parent. "
@@ -556,22 +637,40 @@ def print_report(r: dict) -> None:
     )
 
 
+def default_precisions(device: str) -> list[str]:
+    """On a CPU: float32, int8, and bf16 where the CPU runs it natively; on a GPU: what auto picks."""
+    from audiosearch.model import cpu_has_native_bf16, resolve_device
+
+    if resolve_device(device).type != "cpu":
+        return ["auto"]
+    return ["fp32", "int8"] + (["bf16"] if cpu_has_native_bf16() else [])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--files", type=int, default=96, help="library size (split across rounds)")
     parser.add_argument("--batch-size", type=int, default=None, help="ingest's batch size (default: ingest's own)")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--precisions", default=None,
+                        help="comma-separated, from auto,fp32,bf16,fp16,int8; ingest, forward and host run once "
+                             "for each (default on a CPU: fp32,int8 and bf16 where native; on a GPU: auto)")
     parser.add_argument("--workers", type=int, default=None, help="decode workers (default: ingest's own)")
     parser.add_argument("--rounds", type=int, default=3, help="round-robin repetitions of the paths")
     parser.add_argument("--ref-segments", type=int, default=30, help="segments the reference path embeds in all")
     parser.add_argument("--forward-batches", type=int, default=None, help="timed batches per round (default: ~1/3 of ingest's segments)")
     parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated, from " + ",".join(FORMATS))
-    parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated, from " + ",".join(PATHS))
+    parser.add_argument("--paths", default="reference,ingest,forward,decode,host",
+                        help="comma-separated, from " + ",".join(PATHS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default=str(CACHE))
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--reference-only", default=None, help=argparse.SUPPRESS)  # ReferenceProcess's child
     args = parser.parse_args(argv)
+    if args.reference_only:
+        return reference_only(args)
+    args.precisions = default_precisions(args.device) if args.precisions is None else args.precisions.split(",")
+    if unknown := set(args.precisions) - {"auto", "fp32", "bf16", "fp16", "int8"}:
+        parser.error(f"unknown precision: {', '.join(sorted(unknown))}")
     args.formats, args.paths = args.formats.split(","), args.paths.split(",")
     for given, known in ((args.formats, FORMATS), (args.paths, PATHS)):
         if unknown := set(given) - set(known):

@@ -275,3 +275,33 @@ def test_deferred_batches_read_their_own_slot(tiny_model, library):
     for f in embedder.embed_files(files):
         deferred.update({(f.path, s.start): (s.embedding, s.scores) for s in f.segments})
     assert cosines(eager, deferred).min() > 0.999999
+
+
+def test_index_records_precision_and_mixed_precisions_search_together(tiny_model, library, tmp_path):
+    """Ingest in int8, query in float32 (same model: the index accepts it), add files in float32:
+    `info` shows every precision the index was built with."""
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from audiosearch.cli import app
+
+    def run(*args) -> str:
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    part = tmp_path / "lib"
+    shutil.copytree(library / "tones", part / "tones")
+    index = tmp_path / "idx"
+    common = ["--index", index, "--model", tiny_model, "--device", "cpu"]
+    run("ingest", part, *common, "--precision", "int8")
+    assert json.loads(run("info", "--index", index, "--json"))["precision"] == "int8"
+    assert "precision" in run("info", "--index", index) and "int8" in run("info", "--index", index)
+    clip = part / "tones" / "e660.flac"
+    hits = json.loads(run("query", clip, *common, "--precision", "fp32", "--json"))
+    assert hits[0]["path"] == str(clip)
+    shutil.copytree(library / "noise", part / "noise")
+    run("ingest", part, *common, "--precision", "fp32")
+    assert json.loads(run("info", "--index", index, "--json"))["precision"] == "fp32+int8"
