@@ -300,7 +300,7 @@ def test_index_records_precision_and_mixed_precisions_search_together(tiny_model
     assert json.loads(run("info", "--index", index, "--json"))["precision"] == "int8"
     assert "precision" in run("info", "--index", index) and "int8" in run("info", "--index", index)
     clip = part / "tones" / "e660.flac"
-    hits = json.loads(run("query", clip, *common, "--precision", "fp32", "--json"))
+    hits = json.loads(run("query", clip, *common, "--precision", "fp32", "--json"))["hits"]
     assert hits[0]["path"] == str(clip)
     shutil.copytree(library / "noise", part / "noise")
     run("ingest", part, *common, "--precision", "fp32")
