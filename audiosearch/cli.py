@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import AudiosearchError
+from .interrupts import Interrupted, sigterm_interrupts
 
 EXIT_CODES = """\b
 Exit codes: 0 done; 1 error (nothing or only part was done, see the message);
@@ -57,23 +59,28 @@ DEFAULT_INDEX = None  # resolved by `friendly`: see locations.default_index
 
 
 def friendly(fn):
-    """Turn expected failures into one line (a JSON object with --json) and exit code 1."""
+    """Turn expected failures into one line (a JSON object with --json) and exit code 1; Ctrl-C and SIGTERM into
+    one line and 130 / 143."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             if "index" in kwargs and kwargs["index"] is None:
                 kwargs["index"] = _default_index(quiet=bool(kwargs.get("as_json")))
-            return fn(*args, **kwargs)
+            with sigterm_interrupts():
+                return fn(*args, **kwargs)
         except AudiosearchError as e:
             if kwargs.get("as_json"):
                 print(json.dumps({"error": str(e), "type": type(e).__name__}, ensure_ascii=False), file=sys.stderr)
             else:
                 err.print(f"[bold red]Error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
-        except KeyboardInterrupt:
-            err.print("Interrupted; committed work is kept and the next run resumes from there.")
-            raise typer.Exit(130)
+        except KeyboardInterrupt as e:
+            interrupted = e if isinstance(e, Interrupted) else Interrupted()
+            why = signal.Signals(interrupted.signum).name
+            err.print(f"Interrupted ({why}){'; ' + interrupted.message if interrupted.message else ''}.",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(interrupted.exit_code)
 
     return wrapper
 
@@ -133,16 +140,22 @@ def ingest(
     from .ingest import ingest as run_ingest
     from .render import IngestBar, print_summary, summary_dict
 
+    interrupted = None
     with IngestBar(out, enabled=not as_json) as bar:
-        summary = run_ingest(
-            paths, index_dir=index, model=model, device=device, precision=precision, batch_size=batch_size,
-            workers=workers, hop_seconds=hop, prune=prune, retry_failed=retry_failed,
-            memory_budget_gib=memory_budget, progress=bar,
-        )
+        try:
+            summary = run_ingest(
+                paths, index_dir=index, model=model, device=device, precision=precision, batch_size=batch_size,
+                workers=workers, hop_seconds=hop, prune=prune, retry_failed=retry_failed,
+                memory_budget_gib=memory_budget, progress=bar,
+            )
+        except Interrupted as e:  # the summary of what was finished, then the usual interrupt line and exit code
+            interrupted, summary = e, e.summary
     if as_json:
         print(json.dumps(summary_dict(summary), ensure_ascii=False))
     else:
         print_summary(out, summary)
+    if interrupted is not None:
+        raise interrupted
     if summary.failed or summary.unlisted_folders:
         raise typer.Exit(EXIT_FILES_FAILED)
 

@@ -10,7 +10,6 @@ committed state, even mid-ingest or after a crash.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from .errors import IndexLocked, IndexWriteError, ModelMismatch
 from .index import IndexCorrupt, IndexOptions, SyncReport, VectorIndex, sync_index
 from .match import lookup as print_lookup
 from .match.lookup import LookupCorrupt, PrintLookup
+from .locks import FileLock
 from .store import Store
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class Collection:
         self.device = "cpu" if device == "cpu" else "auto"  # --device cpu keeps FAISS's k-means off the GPU too
         self.store = Store(self.dir, create=create)
         self.index_path = self.dir / INDEX_FILE
-        self._lock_fd: int | None = None
+        self._lock = FileLock(self.dir / LOCK_FILE)  # never kept by a forked child (see locks.py)
 
     def close(self) -> None:
         self.store.close()
@@ -93,7 +93,7 @@ class Collection:
 
     def _save_if_free(self, index: VectorIndex) -> None:
         """A reader saves its repair when no one is writing; one that may not write here keeps it in memory."""
-        held = self._lock_fd is not None
+        held = self._lock.held
         try:
             if not (held or self._try_lock()):
                 return
@@ -214,7 +214,7 @@ class Collection:
                                   "are still found, from SQLite, and the next ingest saves it") from e
 
     def _save_prints_if_free(self, lookup: PrintLookup) -> None:
-        held = self._lock_fd is not None
+        held = self._lock.held
         try:
             if not (held or self._try_lock()):
                 return
@@ -242,18 +242,7 @@ class Collection:
             self.unlock()
 
     def _try_lock(self) -> bool:
-        if self._lock_fd is not None:
-            return True
-        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._lock_fd = fd
-        os.ftruncate(fd, 0)  # the holder's pid, for the message another writer gets
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return True
+        return self._lock.acquire()
 
     def _lock_holder(self) -> int | None:
         try:
@@ -262,11 +251,7 @@ class Collection:
             return None
 
     def unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.ftruncate(self._lock_fd, 0)  # no stale pid for the next refusal to name
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.release()
 
 
 def collection_info(index_dir: str | Path, *, errors: bool = False) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -190,16 +191,19 @@ class Embedder:
         """Embed (key, path) tasks; the key comes back on each FileEmbedding (with its fingerprint if asked)."""
         pending: list[tuple[_Job, int, Segment]] = []
         self._in_flight = None  # whatever an abandoned run left behind
+        # closed as soon as this generator is left, however: an interrupt must not leave decoders busy
+        # until the traceback that holds this frame is freed
         pool = DecodePool(self.workers, with_hash=with_hash, nice=self.decode_nice, with_prints=with_prints)
-        for decoded in pool.map(tasks):
-            job = self._job(decoded)
-            if job.done:
-                yield job.result
-                continue
-            pending.extend((job, i, s) for i, s in enumerate(job.pieces))
-            while len(pending) >= self.batch_size:
-                batch, pending = pending[: self.batch_size], pending[self.batch_size :]
-                yield from self._run_batches(batch)
+        with closing(pool.map(tasks)) as decoded_files:
+            for decoded in decoded_files:
+                job = self._job(decoded)
+                if job.done:
+                    yield job.result
+                    continue
+                pending.extend((job, i, s) for i, s in enumerate(job.pieces))
+                while len(pending) >= self.batch_size:
+                    batch, pending = pending[: self.batch_size], pending[self.batch_size :]
+                    yield from self._run_batches(batch)
         yield from self._run_batches(pending)
         yield from self._collect()
 

@@ -25,6 +25,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +37,7 @@ from .embedder import Embedder, FileEmbedding, Tally
 from .errors import AudiosearchError, IndexWriteError, NoAudioFiles
 from .index import SyncReport
 from .match.lookup import SyncReport as PrintSyncReport
+from .interrupts import Interrupted, signal_of
 from .match.fingerprint import HEADER_BYTES as PRINT_HEADER_BYTES
 from .match.fingerprint import PEAK_BYTES as PRINT_BYTES
 from .match.fingerprint import VERSION as PRINT_VERSION
@@ -79,6 +81,7 @@ class IngestSummary(Tally):
     index: SyncReport | None = None
     prints: PrintSyncReport | None = None
     pruned: bool = True
+    interrupted: bool = False  # stopped by Ctrl-C or SIGTERM: counts are what was finished (and committed)
 
     @property
     def segments_per_second(self) -> float:
@@ -121,36 +124,43 @@ def ingest(
     `memory_budget_gib` is remembered by the index: above it, FAISS keeps vectors as float16.
     """
     started = time.perf_counter()
-    roots = [Path(os.path.abspath(p)) for p in paths]
-    unreadable: list[Unreadable] = []
-    disk, ignored_files = scan(roots, unreadable)
-    collection = Collection(index_dir, create=True, device=device)
+    summary = IngestSummary(pruned=prune)
     try:
-        with collection.writing():
-            if memory_budget_gib is not None:
-                collection.set_memory_budget(memory_budget_gib)
-            summary = _ingest_locked(
-                collection, roots, disk, unreadable, model=model, device=device, precision=precision,
-                batch_size=batch_size, workers=workers, hop_seconds=hop_seconds, prune=prune,
-                retry_failed=retry_failed, progress=progress,
-            )
-    finally:
-        collection.close()
-    summary.ignored, summary.ignored_files = len(ignored_files), ignored_files
+        roots = [Path(os.path.abspath(p)) for p in paths]
+        unreadable: list[Unreadable] = []
+        disk, ignored_files = scan(roots, unreadable)
+        summary.ignored, summary.ignored_files = len(ignored_files), ignored_files
+        collection = Collection(index_dir, create=True, device=device)
+        try:
+            with collection.writing():
+                if memory_budget_gib is not None:
+                    collection.set_memory_budget(memory_budget_gib)
+                _ingest_locked(
+                    collection, roots, disk, unreadable, summary, model=model, device=device, precision=precision,
+                    batch_size=batch_size, workers=workers, hop_seconds=hop_seconds, prune=prune,
+                    retry_failed=retry_failed, progress=progress,
+                )
+        finally:
+            collection.close()
+    except KeyboardInterrupt as e:
+        summary.interrupted = True
+        summary.wall_seconds = time.perf_counter() - started
+        raise Interrupted(signal_of(e), summary, "the files finished are committed; the next ingest resumes "
+                          "from there") from None
     summary.wall_seconds = time.perf_counter() - started
     return summary
 
 
-def _ingest_locked(collection: Collection, roots: list[Path], disk: list[DiskFile], unreadable: list[Unreadable], *,
-                   model, device, precision, batch_size, workers, hop_seconds, prune, retry_failed,
-                   progress) -> IngestSummary:
+def _ingest_locked(collection: Collection, roots: list[Path], disk: list[DiskFile], unreadable: list[Unreadable],
+                   summary: IngestSummary, *, model, device, precision, batch_size, workers, hop_seconds, prune,
+                   retry_failed, progress) -> None:
     store = collection.store
     _check_hop(collection, hop_seconds)
     unlisted = [Path(u.path) for u in unreadable if u.folder]
     plan = plan_changes(store.files(), disk, roots, prune=prune, retry_failed=retry_failed, unlisted=unlisted)
     _fingerprint_unprinted(plan, store.unprinted_paths())
-    summary = IngestSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.remove), pruned=prune,
-                            earlier_failures=plan.unchanged_failed)
+    summary.unchanged, summary.moved, summary.removed = plan.unchanged, len(plan.moves), len(plan.remove)
+    summary.earlier_failures = plan.unchanged_failed
     summary.failed.extend((u.path, u.reason) for u in unreadable if not u.folder)
     summary.unlisted_folders.extend((u.path, u.reason + "; the files indexed from it are kept")
                                     for u in unreadable if u.folder)
@@ -173,7 +183,6 @@ def _ingest_locked(collection: Collection, roots: list[Path], disk: list[DiskFil
         collection.bind_model(Model(model, device=device, precision=precision), hop_seconds=hop_seconds or SEGMENT_SECONDS)
     _, summary.index = collection.refresh_index()
     summary.prints = collection.refresh_prints()
-    return summary
 
 
 def _fingerprint_unprinted(plan: _Plan, unprinted: set[str]) -> None:
@@ -364,11 +373,12 @@ def _embed(collection: Collection, embedder: Embedder, files: list[DiskFile], su
     writer = _Writer(collection.dir, collection.device)
     writer.start()
     try:
-        for result in embedder.run(((f, f.path) for f in files), with_hash=True, with_prints=True):
-            writer.put(result)
-            _count(summary, result, result.path in known)
-            if progress:
-                progress.update(result)
+        with closing(embedder.run(((f, f.path) for f in files), with_hash=True, with_prints=True)) as results:
+            for result in results:
+                writer.put(result)
+                _count(summary, result, result.path in known)
+                if progress:
+                    progress.update(result)
     finally:
         writer.finish()
 
