@@ -74,7 +74,15 @@ class Collection:
 
     def check_model(self, model: Model) -> None:
         meta = self.meta
-        if meta.get("fingerprint") not in (None, model.fingerprint):
+        stored = meta.get("fingerprint")
+        # indexes bound before all weights were hashed can only be checked on the two tensors they hashed
+        if stored is None or stored.startswith("w1:"):
+            current = model.fingerprint
+        else:
+            from .model import legacy_fingerprint
+
+            current = legacy_fingerprint(model)
+        if stored not in (None, current):
             raise ModelMismatch(
                 f"index {self.dir} was built with model {meta.get('model')!r}, not {model.name!r}; "
                 "use that model (omit --model) or another --index"

@@ -9,8 +9,8 @@ refreshed from SQLite at checkpoints and at the end.
 
 Bad input never ends a run. A file that cannot be decoded (or whose decoder
 crashes or hangs, see decode_pool) is recorded as failed with its error; one
-shorter than 0.1 s is recorded as skipped; silence is embedded like any other
-sound. Failed and skipped files are not tried again until they change or
+that decodes to no samples at all is recorded as skipped; anything else is
+embedded, a click of one sample or silence included (see embedder.MIN_SAMPLES). Failed and skipped files are not tried again until they change or
 `retry_failed` is set. A truncated file whose header libsndfile can correct
 (WAV, MP3) is indexed from the audio it holds. Folders that cannot be listed
 and file names that are not UTF-8 are reported, and nothing indexed from such
@@ -321,7 +321,8 @@ def plan_changes(known: list[FileRow], disk: list[DiskFile], roots: list[Path], 
     moved_from: set[str] = set()
     for f in disk:
         row = by_path.get(f.path)
-        if row and row.size == f.size and row.mtime == f.mtime and (row.status == "ok" or not retry_failed):
+        if (row and row.size == f.size and row.mtime == f.mtime and (row.status == "ok" or not retry_failed)
+                and not _once_too_short(row)):
             plan.unchanged += 1
             plan.unchanged_failed += row.status != "ok"
         elif row and row.status == "ok" and row.size == f.size and same_content(f.path, row.hash):
@@ -334,6 +335,11 @@ def plan_changes(known: list[FileRow], disk: list[DiskFile], roots: list[Path], 
     if prune:
         plan.remove = [r.path for r in vanished if r.path not in moved_from]
     return plan
+
+
+def _once_too_short(row: FileRow) -> bool:
+    """Skipped by an earlier version as under 0.1 s: every such file is embedded now."""
+    return row.status == "skipped" and (row.error or "").startswith("too short to embed")
 
 
 def _moved_from(f: DiskFile, vanished_by_size: dict[int, list[FileRow]], taken: set[str]) -> str | None:

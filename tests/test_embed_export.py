@@ -296,3 +296,24 @@ def test_reading_something_else_is_one_line(tmp_path):
         read_features(tmp_path / "other.parquet")
     with pytest.raises(FeatureFileError, match="no such feature file"):
         read_features(tmp_path / "missing.npz")
+
+
+def test_clips_under_one_frame_are_zero_padded_and_longer_ones_fed_as_they_are(tiny_model):
+    from audiosearch.embedder import MIN_SAMPLES, Embedder
+    from audiosearch.model import Model
+
+    model = Model(str(tiny_model), device="cpu", precision="fp32")
+    embedder = Embedder(model, workers=0, batch_size=4)
+    rng = np.random.default_rng(0)
+    short = (0.3 * rng.standard_normal(MIN_SAMPLES - 150)).astype(np.float32)
+    padded = np.concatenate([short, np.zeros(150, np.float32)])
+    (got,) = embedder.embed_waveform(short, 16000)
+    (want,) = embedder.embed_waveform(padded, 16000)
+    assert np.array_equal(got.embedding, want.embedding) and got.end == len(short) / 16000
+
+    longer = (0.3 * rng.standard_normal(3 * MIN_SAMPLES)).astype(np.float32)  # fed with its own length
+    (got,) = embedder.embed_waveform(longer, 16000)
+    wave = torch.zeros(1, len(longer))
+    wave[0] = torch.from_numpy(longer)
+    direct = model(wave, torch.tensor([len(longer)]))
+    assert np.array_equal(got.embedding, direct.embeddings[0].numpy())
