@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import AudiosearchError
+from .errors import AudiosearchError, user_error
 from .interrupts import Interrupted, sigterm_interrupts
 
 EXIT_CODES = """\b
@@ -75,6 +75,11 @@ def friendly(fn):
             else:
                 err.print(f"[bold red]Error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(1)
+        except Exception as e:
+            if (known := user_error(e, kwargs.get("index"), checking=fn.__name__ == "doctor")) is None:
+                raise
+            err.print(f"[bold red]Error:[/] {known}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt as e:
             interrupted = e if isinstance(e, Interrupted) else Interrupted()
             why = signal.Signals(interrupted.signum).name
