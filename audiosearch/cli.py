@@ -131,6 +131,8 @@ def ingest(
     memory_budget: Annotated[Optional[float], typer.Option(
         min=1e-9, metavar="GIB", help="GiB of vectors FAISS may hold as float32 before it stores them as float16; "
         "remembered by the index (default: 8).")] = None,
+    durable: Annotated[bool, typer.Option("--durable", envvar="AUDIOSEARCH_DURABLE", help="Sync every commit to "
+        "disk, so that a power loss loses nothing committed (slower; env: AUDIOSEARCH_DURABLE=1).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed new and changed audio under PATHS into the index.
@@ -151,7 +153,7 @@ def ingest(
             summary = run_ingest(
                 paths, index_dir=index, model=model, device=device, precision=precision, batch_size=batch_size,
                 workers=workers, hop_seconds=hop, prune=prune, retry_failed=retry_failed,
-                memory_budget_gib=memory_budget, progress=bar,
+                memory_budget_gib=memory_budget, durable=durable or None, progress=bar,
             )
         except Interrupted as e:  # the summary of what was finished, then the usual interrupt line and exit code
             interrupted, summary = e, e.summary

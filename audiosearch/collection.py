@@ -35,10 +35,11 @@ SCHEMA_VERSION = 1
 class Collection:
     """One index directory. Open one per thread."""
 
-    def __init__(self, index_dir: str | Path, *, create: bool = False, device: str = "auto"):
+    def __init__(self, index_dir: str | Path, *, create: bool = False, device: str = "auto",
+                 durable: bool | None = None):
         self.dir = Path(index_dir)
         self.device = "cpu" if device == "cpu" else "auto"  # --device cpu keeps FAISS's k-means off the GPU too
-        self.store = Store(self.dir, create=create)
+        self.store = Store(self.dir, create=create, durable=durable)
         self.index_path = self.dir / INDEX_FILE
         self._lock = FileLock(self.dir / LOCK_FILE)  # never kept by a forked child (see locks.py)
 

@@ -117,11 +117,14 @@ def ingest(
     prune: bool = True,
     retry_failed: bool = False,
     memory_budget_gib: float | None = None,
+    durable: bool | None = None,
     progress: Progress | None = None,
 ) -> IngestSummary:
     """Embed what is new or changed under `paths` into the index at `index_dir`.
 
     `memory_budget_gib` is remembered by the index: above it, FAISS keeps vectors as float16.
+    `durable` syncs every commit to disk (SQLite synchronous=FULL), so that a power loss loses
+    nothing committed; default: AUDIOSEARCH_DURABLE.
     """
     started = time.perf_counter()
     summary = IngestSummary(pruned=prune)
@@ -130,7 +133,7 @@ def ingest(
         unreadable: list[Unreadable] = []
         disk, ignored_files = scan(roots, unreadable)
         summary.ignored, summary.ignored_files = len(ignored_files), ignored_files
-        collection = Collection(index_dir, create=True, device=device)
+        collection = Collection(index_dir, create=True, device=device, durable=durable)
         try:
             with collection.writing():
                 if memory_budget_gib is not None:
@@ -376,7 +379,7 @@ def _embed(collection: Collection, embedder: Embedder, files: list[DiskFile], su
     known = {row.path for row in collection.store.files()}
     if progress:
         progress.start(len(files))
-    writer = _Writer(collection.dir, collection.device)
+    writer = _Writer(collection.dir, collection.device, collection.store.durable)
     writer.start()
     try:
         with closing(embedder.run(((f, f.path) for f in files), with_hash=True, with_prints=True)) as results:
@@ -408,9 +411,9 @@ def _row(f: DiskFile, result: FileEmbedding | None = None) -> dict:
 class _Writer(threading.Thread):
     """Commits finished files to SQLite off the model's thread, and checkpoints the FAISS file."""
 
-    def __init__(self, index_dir: Path, device: str):
+    def __init__(self, index_dir: Path, device: str, durable: bool):
         super().__init__(name="audiosearch-writer", daemon=True)
-        self.index_dir, self.device = index_dir, device
+        self.index_dir, self.device, self.durable = index_dir, device, durable
         self.queue: queue.Queue = queue.Queue(maxsize=256)
         self.error: BaseException | None = None
         self.ended = False  # the end marker has been taken from the queue
@@ -427,7 +430,7 @@ class _Writer(threading.Thread):
             raise self.error
 
     def run(self) -> None:
-        collection = Collection(self.index_dir, device=self.device)
+        collection = Collection(self.index_dir, device=self.device, durable=self.durable)
         try:
             self._loop(collection)
         except BaseException as e:
