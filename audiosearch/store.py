@@ -152,7 +152,7 @@ class Store:
                 migrations.apply(self.db)
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 raise
 
     def close(self) -> None:
@@ -170,8 +170,13 @@ class Store:
             )
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise
+
+    def _rollback(self) -> None:
+        """Roll back, unless SQLite already did (it does on a full disk): the first error is the one to report."""
+        if self.db.conn.in_transaction:
+            self.db.execute("ROLLBACK")
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:

@@ -7,11 +7,14 @@ A generated library (short and long files, a few broken ones) and a tiny AST
 states so that kills land in every phase: all files; one file deleted (prune);
 one file renamed (move); all files again (re-embed, move back); and now and
 then a fresh index (built from nothing, with IVF k-means: the index is told to
-go IVF from 16 segments). FAISS checkpoints every 0.3 s so that kills land in
+go IVF from 16 segments, 8 per list). FAISS checkpoints every 0.3 s so that kills land in
 mid-run saves too.
 
-Each round: start `ingest` on the current state, SIGKILL it at a moment drawn
-uniformly over a clean run's duration, then check
+Each round: start `ingest` on the current state and SIGKILL it, either at a
+moment drawn uniformly over an unkilled run's duration, or, since most phases
+last milliseconds next to the model's loading, 0-20 ms after the start of a
+phase drawn from those the round goes through (scan, model loaded, decoding,
+model, commit, FAISS save and sync, k-means retraining, prune, move); then check
   - leftovers: no process of the killed run (its process group) alive 2 s later,
   - the write lock is free as soon as the killed process is reaped,
   - the resumed run (started at once) is not refused and completes,
@@ -52,12 +55,12 @@ FRESH_EVERY = 7
 
 
 def make_library(root: Path, files: int) -> None:
-    """Mono 16 kHz WAV/FLAC files of 0.05..22 s (1 or 3 segments), and three broken files."""
+    """Mono 16 kHz WAV/FLAC files of 0.05..22 s, and three broken files."""
     from audiosearch import synthetic as syn
 
     root.mkdir(parents=True)
     for i in range(files):
-        seconds = (0.05, 2.0, 6.0, 22.0)[i % 4]
+        seconds = (0.05, 2.0, 6.0, 22.0)[i % 4]  # 1, 1, 1 and 3 segments
         sound = syn.tone(180 + 37 * i, seconds) if i % 2 else syn.noise(seconds, seed=i)
         sf.write(root / f"{i:03d}.{'flac' if i % 3 == 0 else 'wav'}", sound, 16000)
     (root / "broken_empty.wav").write_bytes(b"")
@@ -155,12 +158,14 @@ def _trace_points() -> None:
 
 
 def _configure_child() -> None:
-    """Test settings: FAISS checkpoints every 0.3 s, IVF (with k-means) from 16 segments."""
+    """Test settings: FAISS checkpoints every 0.3 s, IVF (with k-means) from 16 segments, 8 per list."""
+    import audiosearch.index as index
     import audiosearch.ingest as ingest
     from audiosearch.collection import Collection
     from audiosearch.index import IndexOptions
 
     ingest.CHECKPOINT_SECONDS = 0.3
+    index.MIN_POINTS_PER_LIST = 8
     Collection.index_options = lambda self: IndexOptions(exact_below=16, device="cpu")
     if os.environ.get("AUDIOSEARCH_KILL_TRACE"):
         _trace_points()
@@ -265,6 +270,22 @@ def doctor_clean(index: Path, log: Path) -> bool:
     return code == 0
 
 
+def _targets(before: str, state: str, fresh: bool) -> list[str | None]:
+    """Where a round's kill may be aimed: anywhere (None), or the start of a phase this round goes through."""
+    targets: list[str | None] = [None, None, None, "+scan", "-model-load"]
+    if fresh or before != state:  # something changes, so the FAISS file is synced and saved
+        targets += ["+faiss-save", "+index-sync"]
+    if fresh or before == "deleted":  # files to embed
+        targets += ["+decoding", "+model", "+commit", "+commit"]
+    if fresh:
+        targets += ["+retrain", "+retrain"]
+    if state == "deleted" and not fresh:
+        targets += ["+prune", "+prune"]
+    if "moved" in (before, state) and not fresh:
+        targets += ["+move", "+move"]
+    return targets
+
+
 def _wait_for(trace: Path, line: str, pid: int, timeout: float) -> int | None:
     """Until the child's trace holds `line` or `timeout` passed; its wait status if it ended meanwhile."""
     deadline = time.monotonic() + timeout
@@ -346,14 +367,16 @@ def kill_loop(kills: int, files: int, workers: int, seed: int, work: Path) -> di
         trace = logs / "trace"
         trace.unlink(missing_ok=True)
         started = time.monotonic()
-        pid = fork_cli(argv(index), logs / "killed.log", trace)
         expected = durations[(state, fresh or not index.exists())]
+        target = rng.choice(_targets(STATES[(round_ - 1) % len(STATES)], state, fresh or not index.exists()))
+        pid = fork_cli(argv(index), logs / "killed.log", trace)
         status = None
-        if round_ % 2:  # every other kill after the model has loaded, which takes most of a short run
-            status = _wait_for(trace, "-model-load", pid, expected)
-            expected -= time.monotonic() - started
+        if target is None:  # a moment drawn over the whole run
+            time.sleep(rng.uniform(0.0, expected))
+        else:  # a moment drawn over the first 20 ms of a phase (most are shorter than the model's loading)
+            status = _wait_for(trace, target, pid, 2 * expected + 1)
+            time.sleep(rng.uniform(0.0, 0.02))
         if status is None:
-            time.sleep(rng.uniform(0.0, max(expected, 0.05)))
             active = active_phases(trace)
             os.kill(pid, signal.SIGKILL)
             status = os.waitpid(pid, 0)[1]
