@@ -227,15 +227,16 @@ def test_bad_files_are_listed_and_skipped(tiny_model, tmp_path):
     folder = tmp_path / "mixed"
     good = write(folder / "good.wav", syn.tone(440, 3), 16000)
     (folder / "broken.wav").write_bytes(b"not audio at all" * 20)
-    write(folder / "short.wav", syn.tone(440, 0.05), 16000)
+    short = write(folder / "short.wav", syn.tone(440, 0.05), 16000)  # embedded: every file with a sample is
+    write(folder / "empty.wav", np.zeros(0, dtype=np.float32), 16000)  # no sample: skipped
     out = tmp_path / "f.parquet"
     args = ["embed", folder, "-o", out, "--model", tiny_model, "--device", "cpu", "--precision", "fp32"]
     summary = json.loads(run(*args, "--json"))
     assert [f["path"] for f in summary["failed"]] == [str(folder / "broken.wav")]
-    assert [f["path"] for f in summary["skipped"]] == [str(folder / "short.wav")]
-    assert summary["files"] == 1 and summary["segments"] == 1
+    assert [f["path"] for f in summary["skipped"]] == [str(folder / "empty.wav")]
+    assert summary["files"] == 2 and summary["segments"] == 2
     features = read_features(out)
-    assert features.paths == [str(good)]
+    assert sorted(features.paths) == [str(good), str(short)]
     assert [f["path"] for f in features.failed] == [str(folder / "broken.wav")]
     text = run(*args)
     assert f"failed: {folder / 'broken.wav'}: not readable audio" in text and "1 failed, 1 skipped" in text
