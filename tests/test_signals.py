@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -19,13 +20,16 @@ from audiosearch.locks import is_locked
 
 from .conftest import write
 
-# The CLI, with one test-only change: decoding a file named slow*.wav writes the worker's pid to $SLOW_MARK
-# and sleeps a minute first (a long file's decode), so that a signal finds a worker busy.
+# The CLI, with test-only changes: decoding a file named slow*.wav writes the worker's pid to $SLOW_MARK
+# and sleeps a minute first (a long file's decode), so that a signal finds a worker busy; decoding a
+# file named crash*.wav kills its worker with SIGSEGV.
 HARNESS = """
 import os, sys, time
 import audiosearch.decode_pool as pool
 real = pool.decode_into
 def slow(path, write):
+    if os.path.basename(str(path)).startswith("crash"):
+        os.kill(os.getpid(), 11)  # a native crash: the pool starts a new worker
     if os.path.basename(str(path)).startswith("slow"):
         with open(os.environ["SLOW_MARK"], "w") as f:
             f.write(str(os.getpid()))
@@ -112,6 +116,23 @@ def test_kill_9_leaves_no_decoder_and_no_lock(slow_library, tiny_model, tmp_path
     summary = ingest([slow_library], index_dir=index, model=str(tiny_model), device="cpu", precision="fp32")
     assert summary.added + summary.unchanged == 11 and not summary.failed
     assert time.monotonic() - started < 60
+
+
+def test_a_respawned_worker_dies_with_its_parent_too(slow_library, tiny_model, tmp_path):
+    library, index, mark = tmp_path / "lib", tmp_path / "idx", tmp_path / "slow.pid"
+    shutil.copytree(slow_library, library)
+    write(library / "crash.wav", syn.tone(300, 1.0), 16000)  # decoded first, by the only worker
+    args = [a if a != "2" else "1" for a in ingest_args(library, index, tiny_model)]  # --workers 1
+    proc = start(args, mark)
+    wait_for(mark.exists, proc)
+    worker = int(mark.read_text())  # the worker started after the crash
+    proc.kill()
+    proc.wait()
+    assert not is_locked(index / "write.lock")
+    assert gone_within(proc.pid, 2.0) == []
+    assert worker not in group(proc.pid)
+    summary = ingest([library], index_dir=index, model=str(tiny_model), device="cpu", precision="fp32")
+    assert summary.added + summary.unchanged + len(summary.failed) == 12  # crash.wav may be recorded as failed
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
