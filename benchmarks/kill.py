@@ -14,12 +14,14 @@ Each round: start `ingest` on the current state and SIGKILL it, either at a
 moment drawn uniformly over an unkilled run's duration, or, since most phases
 last milliseconds next to the model's loading, 0-20 ms after the start of a
 phase drawn from those the round goes through (scan, model loaded, decoding,
-model, commit, FAISS save and sync, k-means retraining, prune, move); then check
+model, commit, FAISS save and sync, k-means retraining, the fingerprint
+lookup's save, prune, move); then check
   - leftovers: no process of the killed run (its process group) alive 2 s later,
   - the write lock is free as soon as the killed process is reaped,
   - the resumed run (started at once) is not refused and completes,
   - the index then equals a clean run's of that state: same files and statuses,
-    same segment ranges, vectors bit-identical, and `doctor` finds nothing.
+    same fingerprints, same segment ranges, vectors bit-identical, and `doctor`
+    finds nothing (it checks the FAISS file and the print lookup against SQLite).
 The phases active at each kill (traced by the child) are counted.
 
 To afford hundreds of runs, this process imports audiosearch once and forks a
@@ -99,6 +101,7 @@ def _trace_points() -> None:
     import audiosearch.decode_pool as decode_pool
     import audiosearch.index as index
     import audiosearch.ingest as ingest
+    import audiosearch.match.lookup as lookup
     import audiosearch.model as model
     import audiosearch.store as store
 
@@ -155,6 +158,7 @@ def _trace_points() -> None:
     traced(index.VectorIndex, "save", "faiss-save")
     traced(index, "_train", "retrain")
     traced(index, "sync_index", "index-sync")
+    traced(lookup, "save", "prints-save")
 
 
 def _configure_child() -> None:
@@ -248,13 +252,14 @@ def wait_gone(pgid: int, grace: float = LEFTOVER_GRACE) -> list[int]:
 
 
 def snapshot(index: Path) -> dict:
-    """path -> (status, [(start, end, vector bytes)]) from SQLite."""
+    """path -> (status, fingerprint bytes, [(start, end, vector bytes)]) from SQLite."""
     with closing(sqlite3.connect(index / "audiosearch.db")) as db:
-        files = {p: (s, []) for p, s in db.execute("SELECT path, status FROM files")}
+        prints = dict(db.execute("SELECT path, data FROM fingerprints JOIN files ON files.id = file_id"))
+        files = {p: (s, prints.get(p), []) for p, s in db.execute("SELECT path, status FROM files")}
         for path, start, end, vector in db.execute(
             'SELECT path, start, "end", vector FROM segments JOIN files ON files.id = file_id ORDER BY path, start'
         ):
-            files[path][1].append((start, end, vector))
+            files[path][2].append((start, end, vector))
     return files
 
 
@@ -274,7 +279,7 @@ def _targets(before: str, state: str, fresh: bool) -> list[str | None]:
     """Where a round's kill may be aimed: anywhere (None), or the start of a phase this round goes through."""
     targets: list[str | None] = [None, None, None, "+scan", "-model-load"]
     if fresh or before != state:  # something changes, so the FAISS file is synced and saved
-        targets += ["+faiss-save", "+index-sync"]
+        targets += ["+faiss-save", "+index-sync", "+prints-save"]
     if fresh or before == "deleted":  # files to embed
         targets += ["+decoding", "+model", "+commit", "+commit"]
     if fresh:
