@@ -60,7 +60,9 @@ def test_full_disk_is_one_line_and_the_next_run_completes(small_disk, tiny_model
         result = runner.invoke(app, args)
         assert "Traceback" not in result.output, result.output
         if result.exit_code != 0:
-            assert result.exit_code == 1 and result.output.strip().count("\n") == 0, result.output
+            lines = result.output.strip().splitlines()  # the progress bar (stdout), then the error (stderr)
+            assert result.exit_code == 1 and [line.startswith("Error:") for line in lines].count(True) == 1
+            assert all(line.startswith(("Error:", "ingest ")) for line in lines), result.output
             assert "full" in result.output or "No space" in result.output, result.output
         outcomes.append(result.exit_code)
         filler.unlink()

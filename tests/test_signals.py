@@ -148,6 +148,7 @@ def test_signal_stops_ingest_within_2_s_and_commits_what_is_done(slow_library, t
     out, err = proc.communicate(timeout=30)
     took = time.monotonic() - sent
     assert took < 2.0, f"took {took:.1f} s to stop"
+    print(f"stopped in {took:.2f} s")
     assert proc.returncode == (143 if how == "SIGTERM" else 130), err.decode()
     assert "Traceback" not in err.decode() and "KeyboardInterrupt" not in err.decode()
     assert f"Interrupted ({'SIGTERM' if how == 'SIGTERM' else 'SIGINT'})" in err.decode()
