@@ -29,7 +29,7 @@ EXIT_CODES = """\b
 Exit codes: 0 done; 1 error (nothing or only part was done, see the message);
 2 bad command line; 3 ingest done, but some files failed or some folders
 could not be read (listed);
-130 interrupted."""
+130 interrupted by Ctrl-C, 143 by SIGTERM (what was finished is kept)."""
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -71,15 +71,12 @@ def friendly(fn):
             with sigterm_interrupts():
                 return fn(*args, **kwargs)
         except AudiosearchError as e:
-            if kwargs.get("as_json"):
-                print(json.dumps({"error": str(e), "type": type(e).__name__}, ensure_ascii=False), file=sys.stderr)
-            else:
-                err.print(f"[bold red]Error:[/] {e}", highlight=False, soft_wrap=True)
+            _print_error(e, bool(kwargs.get("as_json")))
             raise typer.Exit(1)
-        except Exception as e:
+        except Exception as e:  # a damaged database, a full disk: known failures from below the library's own checks
             if (known := user_error(e, kwargs.get("index"), checking=fn.__name__ == "doctor")) is None:
                 raise
-            err.print(f"[bold red]Error:[/] {known}", highlight=False, soft_wrap=True)
+            _print_error(known, bool(kwargs.get("as_json")))
             raise typer.Exit(1) from None
         except KeyboardInterrupt as e:
             interrupted = e if isinstance(e, Interrupted) else Interrupted()
@@ -92,6 +89,13 @@ def friendly(fn):
             raise typer.Exit(interrupted.exit_code)
 
     return wrapper
+
+
+def _print_error(e: AudiosearchError, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"error": str(e), "type": type(e).__name__}, ensure_ascii=False), file=sys.stderr)
+    else:
+        err.print(f"[bold red]Error:[/] {e}", highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
