@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup system-deps test demo bench bench-search bench-match clean
+.PHONY: setup system-deps test demo bench bench-search bench-match bench-kill clean
 
 setup: system-deps $(VENV)/.installed
 
@@ -38,6 +38,9 @@ AUDFPRINT_PY ?= python3
 bench-match: setup
 	@test -f $(MATCHSET)/manifest.json || $(PY) -m benchmarks.match build --out $(MATCHSET)
 	$(PY) -m benchmarks.match run --set $(MATCHSET) $(if $(AUDFPRINT),--audfprint $(AUDFPRINT) --audfprint-python $(AUDFPRINT_PY))
+
+bench-kill: setup
+	$(PY) -m benchmarks.kill
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo

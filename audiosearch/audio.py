@@ -23,7 +23,6 @@ from .errors import AudioDecodeError
 SAMPLE_RATE = 16_000  # Hz, what AST was trained on
 SEGMENT_SECONDS = 10.24  # 1024 frames of 10 ms: one AST input
 SEGMENT_SAMPLES = round(SEGMENT_SECONDS * SAMPLE_RATE)  # 163840 samples
-MIN_SECONDS = 0.1  # shorter files hold too little sound to embed
 MIN_TAIL_SECONDS = 1.0  # a trailing segment shorter than this is dropped
 MAX_SECONDS = 24 * 3600.0  # a header claiming more than a day is treated as corrupt
 

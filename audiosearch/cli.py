@@ -6,8 +6,10 @@ with exit code 1; no SQL, FAISS or torch here.
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -20,13 +22,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import AudiosearchError
+from .errors import AudiosearchError, user_error
+from .interrupts import Interrupted, sigterm_interrupts
 
 EXIT_CODES = """\b
 Exit codes: 0 done; 1 error (nothing or only part was done, see the message);
 2 bad command line; 3 ingest done, but some files failed or some folders
 could not be read (listed);
-130 interrupted."""
+130 interrupted by Ctrl-C, 143 by SIGTERM (what was finished is kept)."""
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -59,25 +62,42 @@ DEFAULT_INDEX = None  # resolved by `friendly`: see locations.default_index
 
 
 def friendly(fn):
-    """Turn expected failures into one line (a JSON object with --json) and exit code 1."""
+    """Turn expected failures into one line (a JSON object with --json) and exit code 1; Ctrl-C and SIGTERM into
+    one line and 130 / 143."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             if "index" in kwargs and kwargs["index"] is None:
                 kwargs["index"] = _default_index(quiet=bool(kwargs.get("as_json")))
-            return fn(*args, **kwargs)
+            with sigterm_interrupts():
+                return fn(*args, **kwargs)
         except AudiosearchError as e:
-            if kwargs.get("as_json"):
-                print(json.dumps({"error": str(e), "type": type(e).__name__}, ensure_ascii=False), file=sys.stderr)
-            else:
-                err.print(f"[bold red]Error:[/] {e}", highlight=False, soft_wrap=True)
+            _print_error(e, bool(kwargs.get("as_json")))
             raise typer.Exit(1)
-        except KeyboardInterrupt:
-            err.print("Interrupted; committed work is kept and the next run resumes from there.")
-            raise typer.Exit(130)
+        except Exception as e:  # a damaged database, a full disk: known failures from below the library's own checks
+            if (known := user_error(e, kwargs.get("index"), checking=fn.__name__ == "doctor")) is None:
+                raise
+            _print_error(known, bool(kwargs.get("as_json")))
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt as e:
+            interrupted = e if isinstance(e, Interrupted) else Interrupted()
+            why = signal.Signals(interrupted.signum).name
+            err.print(f"Interrupted ({why}){'; ' + interrupted.message if interrupted.message else ''}.",
+                      highlight=False, soft_wrap=True)
+            # everything is closed by now: let exit skip the final collection over the whole heap
+            # (torch, the model, decoded audio), which took 2 s and would break "stops within 2 s"
+            gc.freeze()
+            raise typer.Exit(interrupted.exit_code)
 
     return wrapper
+
+
+def _print_error(e: AudiosearchError, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"error": str(e), "type": type(e).__name__}, ensure_ascii=False), file=sys.stderr)
+    else:
+        err.print(f"[bold red]Error:[/] {e}", highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -121,6 +141,8 @@ def ingest(
     memory_budget: Annotated[Optional[float], typer.Option(
         min=1e-9, metavar="GIB", help="GiB of vectors FAISS may hold as float32 before it stores them as float16; "
         "remembered by the index (default: 8).")] = None,
+    durable: Annotated[bool, typer.Option("--durable", envvar="AUDIOSEARCH_DURABLE", help="Sync every commit to "
+        "disk, so that a power loss loses nothing committed (slower; env: AUDIOSEARCH_DURABLE=1).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Embed new and changed audio under PATHS into the index.
@@ -135,16 +157,22 @@ def ingest(
     from .ingest import ingest as run_ingest
     from .render import IngestBar, print_summary, summary_dict
 
+    interrupted = None
     with IngestBar(out, enabled=not as_json) as bar:
-        summary = run_ingest(
-            paths, index_dir=index, model=model, device=device, precision=precision, batch_size=batch_size,
-            workers=workers, hop_seconds=hop, prune=prune, retry_failed=retry_failed,
-            memory_budget_gib=memory_budget, progress=bar,
-        )
+        try:
+            summary = run_ingest(
+                paths, index_dir=index, model=model, device=device, precision=precision, batch_size=batch_size,
+                workers=workers, hop_seconds=hop, prune=prune, retry_failed=retry_failed,
+                memory_budget_gib=memory_budget, durable=durable or None, progress=bar,
+            )
+        except Interrupted as e:  # the summary of what was finished, then the usual interrupt line and exit code
+            interrupted, summary = e, e.summary
     if as_json:
         print(json.dumps(summary_dict(summary), ensure_ascii=False))
     else:
         print_summary(out, summary)
+    if interrupted is not None:
+        raise interrupted
     if summary.failed or summary.unlisted_folders:
         raise typer.Exit(EXIT_FILES_FAILED)
 

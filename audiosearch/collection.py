@@ -10,7 +10,6 @@ committed state, even mid-ingest or after a crash.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from .errors import IndexLocked, IndexWriteError, ModelMismatch
 from .index import IndexCorrupt, IndexOptions, SyncReport, VectorIndex, sync_index
 from .match import lookup as print_lookup
 from .match.lookup import LookupCorrupt, PrintLookup
+from .locks import FileLock
 from .store import Store
 
 if TYPE_CHECKING:
@@ -35,12 +35,13 @@ SCHEMA_VERSION = 1
 class Collection:
     """One index directory. Open one per thread."""
 
-    def __init__(self, index_dir: str | Path, *, create: bool = False, device: str = "auto"):
+    def __init__(self, index_dir: str | Path, *, create: bool = False, device: str = "auto",
+                 durable: bool | None = None):
         self.dir = Path(index_dir)
         self.device = "cpu" if device == "cpu" else "auto"  # --device cpu keeps FAISS's k-means off the GPU too
-        self.store = Store(self.dir, create=create)
+        self.store = Store(self.dir, create=create, durable=durable)
         self.index_path = self.dir / INDEX_FILE
-        self._lock_fd: int | None = None
+        self._lock = FileLock(self.dir / LOCK_FILE)  # never kept by a forked child (see locks.py)
 
     def close(self) -> None:
         self.store.close()
@@ -81,7 +82,15 @@ class Collection:
 
     def check_model(self, model: Model) -> None:
         meta = self.meta
-        if meta.get("fingerprint") not in (None, model.fingerprint):
+        stored = meta.get("fingerprint")
+        # indexes bound before all weights were hashed can only be checked on the two tensors they hashed
+        if stored is None or stored.startswith("w1:"):
+            current = model.fingerprint
+        else:
+            from .model import legacy_fingerprint
+
+            current = legacy_fingerprint(model)
+        if stored not in (None, current):
             raise ModelMismatch(
                 f"index {self.dir} was built with model {meta.get('model')!r}, not {model.name!r}; "
                 "use that model (omit --model) or another --index"
@@ -100,7 +109,7 @@ class Collection:
 
     def _save_if_free(self, index: VectorIndex) -> None:
         """A reader saves its repair when no one is writing; one that may not write here keeps it in memory."""
-        held = self._lock_fd is not None
+        held = self._lock.held
         try:
             if not (held or self._try_lock()):
                 return
@@ -221,7 +230,7 @@ class Collection:
                                   "are still found, from SQLite, and the next ingest saves it") from e
 
     def _save_prints_if_free(self, lookup: PrintLookup) -> None:
-        held = self._lock_fd is not None
+        held = self._lock.held
         try:
             if not (held or self._try_lock()):
                 return
@@ -249,18 +258,7 @@ class Collection:
             self.unlock()
 
     def _try_lock(self) -> bool:
-        if self._lock_fd is not None:
-            return True
-        fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._lock_fd = fd
-        os.ftruncate(fd, 0)  # the holder's pid, for the message another writer gets
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return True
+        return self._lock.acquire()
 
     def _lock_holder(self) -> int | None:
         try:
@@ -269,11 +267,7 @@ class Collection:
             return None
 
     def unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.ftruncate(self._lock_fd, 0)  # no stale pid for the next refusal to name
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.release()
 
 
 def collection_info(index_dir: str | Path, *, errors: bool = False) -> dict:

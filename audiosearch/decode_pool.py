@@ -7,15 +7,25 @@ new worker. A background thread keeps the workers busy and fills a bounded
 queue, so decoding runs while the model computes. Workers are forked on Linux
 (as torch's DataLoader does): they never touch torch or CUDA, and a script
 using the API needs no `if __name__ == "__main__"` guard.
+
+No worker outlives the process that started it, whatever ends that process
+(SIGKILL included): each asks the kernel for SIGKILL when its parent dies
+(Linux PR_SET_PDEATHSIG) and checks its parent's pid while idle, for the
+moment before that took effect and for systems without it. A worker ignores
+SIGINT and SIGTERM: Ctrl-C reaches the whole foreground process group, and
+stopping is the parent's call (it kills its workers when it stops early).
+Locks the parent holds are closed in the child right after fork (locks.py).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import mmap
 import multiprocessing as mp
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -33,6 +43,8 @@ from .audio import Audio, decode, decode_into, why_unreadable
 from .errors import AudiosearchError
 
 DECODE_TIMEOUT = 600.0  # seconds one file may take before its worker is killed
+PARENT_CHECK_SECONDS = 1.0  # how often an idle worker checks that its parent is alive
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _DONE = object()
 _HASH_BLOCK = 1 << 22
 
@@ -90,7 +102,9 @@ def decode_one(key: object, path: str, with_hash: bool, decoder: Callable[[str],
         return Decoded(key, path, error=why_unreadable(path) or f"cannot read file: {e.strerror or e}")
 
 
-def _worker(conn: Connection, with_hash: bool, nice: int = 0, with_prints: bool = False) -> None:
+def _worker(conn: Connection, with_hash: bool, nice: int = 0, with_prints: bool = False,
+            parent: int = 0) -> None:
+    _die_with_parent(parent)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if nice:
         try:
@@ -99,12 +113,29 @@ def _worker(conn: Connection, with_hash: bool, nice: int = 0, with_prints: bool 
             pass
     while True:
         try:
+            if not conn.poll(PARENT_CHECK_SECONDS):
+                if os.getppid() != parent:  # orphaned (re-parented): no one will read the result
+                    return
+                continue
             task = conn.recv()
-        except EOFError:
+        except (EOFError, OSError):
             return
         if task is None:
             return
         _decode_and_send(conn, *task, with_hash, with_prints)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Leave signals to the parent, and have the kernel kill this worker when the parent dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl in this libc: the idle check remains
+            pass
+    if parent and os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
 
 
 # Decoded samples travel in shared memory: the worker decodes straight into a memfd and passes
@@ -227,12 +258,12 @@ class DecodePool:
             for _ in range(self.workers):
                 slots.append(_Slot(ctx, self.with_hash, self.nice, self.with_prints))
             self._loop(slots, tasks, out, stop)
-            out.put(_DONE)
+            _put(out, _DONE, stop)
         except BaseException as e:  # hand any failure to the consuming thread
-            out.put(e)
+            _put(out, e, stop)
         finally:
-            for slot in slots:
-                slot.close()
+            for slot in slots:  # stopped early (an interrupt, the consumer gone): what they decode is not wanted
+                slot.close(kill=stop.is_set())
 
     def _loop(self, slots: list[_Slot], tasks: Iterator, out: queue.Queue, stop: threading.Event) -> None:
         exhausted = False
@@ -264,7 +295,9 @@ class _Slot:
 
     def _spawn(self) -> None:
         self.conn, child = self.ctx.Pipe()
-        self.proc = self.ctx.Process(target=_worker, args=(child, self.with_hash, self.nice, self.with_prints), daemon=True)
+        # started from the pool's thread: PR_SET_PDEATHSIG fires when that thread ends, and it outlives its workers
+        self.proc = self.ctx.Process(target=_worker, args=(child, self.with_hash, self.nice, self.with_prints, os.getpid()),
+                                     daemon=True)
         try:
             self.proc.start()
         finally:
@@ -298,10 +331,13 @@ class _Slot:
         self._spawn()
         return Decoded(key, path, error=error)
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """End the worker: asked to finish, or killed at once (`kill`: a run stopping early must not wait)."""
         if self.proc.pid is None:  # never started (starting it failed)
             self.conn.close()
             return
+        if kill:
+            self.proc.kill()
         try:
             self.conn.send(None)
         except OSError:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .audio import MIN_SECONDS, SEGMENT_SAMPLES, SEGMENT_SECONDS, Audio, Segment, segment, to_model_audio
+from .audio import SEGMENT_SAMPLES, SEGMENT_SECONDS, Audio, Segment, segment, to_model_audio
 from .decode_pool import Decoded, DecodePool
 from .errors import AudioDecodeError
 from .model_ref import DEFAULT_MODEL
@@ -55,6 +56,10 @@ class FileEmbedding:
 
 
 DECODE_NICE = 10  # decoders' niceness when the model runs on the CPU
+# The model's shortest analysis window: one 25 ms log-mel frame. A clip shorter than this has no
+# frame at all (the features would be all padding), so it is zero-padded at its end to one frame;
+# longer clips are fed as they are, so their embeddings do not change.
+MIN_SAMPLES = 400  # logmel.FRAME_LENGTH (not imported here: logmel imports torch)
 
 
 @dataclass
@@ -190,25 +195,27 @@ class Embedder:
         """Embed (key, path) tasks; the key comes back on each FileEmbedding (with its fingerprint if asked)."""
         pending: list[tuple[_Job, int, Segment]] = []
         self._in_flight = None  # whatever an abandoned run left behind
+        # closed as soon as this generator is left, however: an interrupt must not leave decoders busy
+        # until the traceback that holds this frame is freed
         pool = DecodePool(self.workers, with_hash=with_hash, nice=self.decode_nice, with_prints=with_prints)
-        for decoded in pool.map(tasks):
-            job = self._job(decoded)
-            if job.done:
-                yield job.result
-                continue
-            pending.extend((job, i, s) for i, s in enumerate(job.pieces))
-            while len(pending) >= self.batch_size:
-                batch, pending = pending[: self.batch_size], pending[self.batch_size :]
-                yield from self._run_batches(batch)
+        with closing(pool.map(tasks)) as decoded_files:
+            for decoded in decoded_files:
+                job = self._job(decoded)
+                if job.done:
+                    yield job.result
+                    continue
+                pending.extend((job, i, s) for i, s in enumerate(job.pieces))
+                while len(pending) >= self.batch_size:
+                    batch, pending = pending[: self.batch_size], pending[self.batch_size :]
+                    yield from self._run_batches(batch)
         yield from self._run_batches(pending)
         yield from self._collect()
 
     def _job(self, decoded: Decoded) -> _Job:
         if decoded.audio is None:
             return _Job(decoded, [], status="failed", error=decoded.error)
-        if decoded.audio.duration < MIN_SECONDS:
-            error = f"too short to embed ({decoded.audio.duration:.3f} s < {MIN_SECONDS} s)"
-            return _Job(decoded, [], status="skipped", error=error)
+        if len(decoded.audio.samples) == 0:
+            return _Job(decoded, [], status="skipped", error="holds no audio (0 samples)")
         return _Job(decoded, segment(decoded.audio.samples, self.hop_seconds))
 
     def _run_batches(self, items: list[tuple[_Job, int, Segment]]) -> Iterator[FileEmbedding]:
@@ -252,7 +259,7 @@ class Embedder:
             size = len(seg.samples)
             rows[row, :size] = seg.samples
             rows[row, size:] = 0.0
-            sizes[row] = size
+            sizes[row] = max(size, MIN_SAMPLES)  # zero-padded to one frame (see MIN_SAMPLES)
         pending = self._slot_pending[slot] = self.model.launch(waves, lengths, tokens=self.tokens)
         return pending
 

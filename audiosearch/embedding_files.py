@@ -10,6 +10,7 @@ files next to the output. The file appears under its name only when complete.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -24,12 +25,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import FeatureFileError
+from .locks import FileLock, is_locked
 
 FORMAT_VERSION = 1
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".npz": "npz", ".npy": "npy"}
 HEADER_KEY = "audiosearch"  # Parquet schema metadata: the header, JSON
 RUN_KEY = "audiosearch.run"  # Parquet file metadata: rows, failed, skipped (known only at the end), JSON
 ROW_GROUP_BYTES = 64 << 20
+STAGING_LOCK = ".audiosearch-staging.lock"  # held by the run writing a staging folder
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,10 @@ class FeatureWriter:
         if header.top_labels and not 0 < header.top_labels <= len(header.labels):
             raise FeatureFileError(f"--top-labels must be between 1 and {len(header.labels)}, the model's label count")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_staging(self.path)
         self._staging = tempfile.TemporaryDirectory(dir=self.path.parent, prefix=f".{self.path.name}.")
+        self._owner = FileLock(Path(self._staging.name) / STAGING_LOCK)  # freed by the kernel if this run is killed
+        self._owner.acquire()
         self._sink = _SINKS[fmt](Path(self._staging.name), header)
         self._specs = column_specs(header)
         self._label_names = np.asarray(header.labels)
@@ -150,6 +156,7 @@ class FeatureWriter:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._owner.release()
         self._staging.cleanup()
 
     def write(self, rows: FeatureRows) -> None:
@@ -178,6 +185,18 @@ class FeatureWriter:
         else:
             columns["scores"] = rows.scores
         return {name: np.asarray(columns[name], dtype=dtype) for name, (dtype, _) in self._specs.items()}
+
+
+def _remove_abandoned_staging(path: Path) -> None:
+    """Staging folders of earlier runs for this output that were killed (SIGKILL, power loss) before cleaning up.
+
+    A live run holds the lock inside its folder; a dead one's lock is free. Folders without the lock file
+    are not ours and are left alone.
+    """
+    for folder in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        lock = folder / STAGING_LOCK
+        if folder.is_dir() and lock.exists() and not is_locked(lock):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def read_features(path: str | Path) -> Features:

@@ -47,3 +47,34 @@ class IndexWriteError(AudiosearchError):
 
 class EmptyIndex(AudiosearchError):
     """An index that holds no segments yet: nothing to search."""
+
+
+class IndexDamaged(AudiosearchError):
+    """The index's SQLite database is damaged (not a database, malformed pages)."""
+
+
+def user_error(e: Exception, index: object = None, *, checking: bool = False) -> AudiosearchError | None:
+    """The one-line form of a failure that is not a bug, or None.
+
+    A damaged database shows up as sqlite3.DatabaseError from whichever query first reads a bad
+    page; its OperationalError subclass (locked, I/O error, read-only) is not damage. `checking`:
+    the failure came from `doctor`, which cannot send the user to itself.
+    """
+    import errno
+    import sqlite3
+
+    full = (isinstance(e, sqlite3.OperationalError) and "full" in str(e)
+            or isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+    failing = isinstance(e, sqlite3.OperationalError) and "disk I/O error" in str(e)  # SQLite's word for ENOSPC too
+    if full or failing:
+        where = f" at {index}" if index is not None else ""
+        why = "the disk is full" if full else "disk I/O error (a full or failing disk)"
+        return IndexWriteError(f"cannot write to the index{where}: {why}; what was committed is kept, "
+                               "and the next run completes it once there is space")
+    if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
+        where = f" at {index}" if index is not None else ""
+        advice = ("restore it from a backup, or move the folder aside and ingest again" if checking
+                  else f"run 'audiosearch doctor --index {index}' for details" if index is not None
+                  else "run 'audiosearch doctor' for details")
+        return IndexDamaged(f"the index database{where} is damaged ({e}); {advice}")
+    return None

@@ -12,6 +12,7 @@ import json
 import os
 import time
 from collections.abc import Iterable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,7 @@ from .model_ref import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from .model import Model
+from .interrupts import Interrupted, signal_of
 
 INDEX_PARAMS = ("sample_rate", "segment_seconds", "hop_seconds", "num_mel_bins", "max_length", "mean", "std")
 
@@ -70,14 +72,19 @@ def embed_to_file(
     summary.failed.extend((u.path, u.reason) for u in unreadable)  # unlistable folders, names SQLite can't hold
     if progress:
         progress.start(len(disk))
-    with FeatureWriter(output, _model_header(embedder.model, hop, top_labels, tokens, float16)) as writer:
-        for result in embedder.embed_files(f.path for f in disk):
-            summary.files += summary.count(result)
-            if result.segments:
-                writer.write(_computed_rows(result))
-            if progress:
-                progress.update(result)
-        summary.bytes_written = writer.commit(summary.failed, summary.skipped)
+    try:
+        with FeatureWriter(output, _model_header(embedder.model, hop, top_labels, tokens, float16)) as writer:
+            with closing(embedder.embed_files(f.path for f in disk)) as results:
+                for result in results:
+                    summary.files += summary.count(result)
+                    if result.segments:
+                        writer.write(_computed_rows(result))
+                    if progress:
+                        progress.update(result)
+            summary.bytes_written = writer.commit(summary.failed, summary.skipped)
+    except KeyboardInterrupt as e:  # the staging folder is gone with the writer: no partial output
+        raise Interrupted(signal_of(e), message=f"nothing was written to {output}; embed starts over when run "
+                          "again") from None
     summary.wall_seconds = time.perf_counter() - started
     return summary
 

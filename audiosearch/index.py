@@ -26,10 +26,16 @@ from typing import Protocol
 
 import faiss
 import numpy as np
+import xxhash
 
 MAGIC = b"ASFAISS1"
 _HEADER = struct.Struct("<8sQI")  # magic, payload bytes, metadata bytes
-FORMAT_VERSION = 1
+# 2: a trailer of XXH3-128 over metadata + payload. FAISS trusts the sizes and offsets it reads (a
+# flipped byte can make it read out of bounds), so a file is parsed only once its checksum holds.
+# Files of format 1 have none: they count as damaged and are rebuilt from SQLite.
+FORMAT_VERSION = 2
+_DIGEST_BYTES = 16
+_CHECK_BLOCK = 1 << 20
 
 MIN_POINTS_PER_LIST = 39  # FAISS warns below this: k-means has too little data per centroid
 MAX_POINTS_PER_LIST = 256  # FAISS subsamples above this anyway
@@ -210,6 +216,9 @@ class VectorIndex:
         path = Path(path)
         with open(path, "rb") as f:
             meta, end = _read_header(f, path)
+            start = f.tell()
+            _check_digest(f, path, start, end)
+            f.seek(start)
             try:
                 ivf = faiss.read_index(faiss.PyCallbackIOReader(f.read))
             except (RuntimeError, MemoryError) as e:
@@ -228,8 +237,15 @@ class VectorIndex:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(_HEADER.pack(MAGIC, 0, len(meta)) + meta)
-                faiss.write_index(self.ivf, faiss.PyCallbackIOWriter(f.write))
+                digest = xxhash.xxh3_128(meta)
+
+                def write(data: bytes) -> int:
+                    digest.update(data)
+                    return f.write(data)
+
+                faiss.write_index(self.ivf, faiss.PyCallbackIOWriter(write))
                 payload = f.tell() - _HEADER.size - len(meta)
+                f.write(digest.digest())
                 f.seek(0)
                 f.write(_HEADER.pack(MAGIC, payload, len(meta)))
                 f.flush()
@@ -357,16 +373,33 @@ def _read_header(f, path: Path) -> tuple[dict, int]:
     if len(head) < _HEADER.size or head[:8] != MAGIC:
         raise IndexCorrupt(path, "not an audiosearch index file")
     _, payload_bytes, meta_len = _HEADER.unpack(head)
+    size, end = os.fstat(f.fileno()).st_size, _HEADER.size + meta_len + payload_bytes
+    if size == end:
+        raise IndexCorrupt(path, "written by an older version (no checksum)")
+    if size != end + _DIGEST_BYTES:  # checked before reading: a damaged length must not size a read
+        raise IndexCorrupt(path, f"truncated or incomplete: {size} bytes, expected {end + _DIGEST_BYTES}")
     try:
         meta = json.loads(f.read(meta_len))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise IndexCorrupt(path, "damaged header") from e
-    size, end = os.fstat(f.fileno()).st_size, _HEADER.size + meta_len + payload_bytes
-    if size != end:
-        raise IndexCorrupt(path, f"truncated or incomplete: {size} bytes, expected {end}")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
         raise IndexCorrupt(path, "unknown format version")
     return meta, end
+
+
+def _check_digest(f, path: Path, start: int, end: int) -> None:
+    """The metadata and FAISS bytes must hash to the trailer: nothing damaged reaches FAISS' parser."""
+    f.seek(_HEADER.size)
+    digest = xxhash.xxh3_128(f.read(start - _HEADER.size))
+    left = end - start
+    while left > 0:
+        block = f.read(min(_CHECK_BLOCK, left))
+        if not block:
+            break
+        digest.update(block)
+        left -= len(block)
+    if left or f.read(_DIGEST_BYTES) != digest.digest():
+        raise IndexCorrupt(path, "checksum mismatch: the file is damaged")
 
 
 def _check_ivf(ivf: faiss.Index, path: Path) -> faiss.IndexIVF:

@@ -9,8 +9,8 @@ refreshed from SQLite at checkpoints and at the end.
 
 Bad input never ends a run. A file that cannot be decoded (or whose decoder
 crashes or hangs, see decode_pool) is recorded as failed with its error; one
-shorter than 0.1 s is recorded as skipped; silence is embedded like any other
-sound. Failed and skipped files are not tried again until they change or
+that decodes to no samples at all is recorded as skipped; anything else is
+embedded, a click of one sample or silence included (see embedder.MIN_SAMPLES). Failed and skipped files are not tried again until they change or
 `retry_failed` is set. A truncated file whose header libsndfile can correct
 (WAV, MP3) is indexed from the audio it holds. Folders that cannot be listed
 and file names that are not UTF-8 are reported, and nothing indexed from such
@@ -25,6 +25,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -36,6 +37,7 @@ from .embedder import Embedder, FileEmbedding, Tally
 from .errors import AudiosearchError, IndexWriteError, NoAudioFiles
 from .index import SyncReport
 from .match.lookup import SyncReport as PrintSyncReport
+from .interrupts import Interrupted, signal_of
 from .match.fingerprint import HEADER_BYTES as PRINT_HEADER_BYTES
 from .match.fingerprint import PEAK_BYTES as PRINT_BYTES
 from .match.fingerprint import VERSION as PRINT_VERSION
@@ -79,6 +81,7 @@ class IngestSummary(Tally):
     index: SyncReport | None = None
     prints: PrintSyncReport | None = None
     pruned: bool = True
+    interrupted: bool = False  # stopped by Ctrl-C or SIGTERM: counts are what was finished (and committed)
 
     @property
     def segments_per_second(self) -> float:
@@ -114,43 +117,53 @@ def ingest(
     prune: bool = True,
     retry_failed: bool = False,
     memory_budget_gib: float | None = None,
+    durable: bool | None = None,
     progress: Progress | None = None,
 ) -> IngestSummary:
     """Embed what is new or changed under `paths` into the index at `index_dir`.
 
     `memory_budget_gib` is remembered by the index: above it, FAISS keeps vectors as float16.
+    `durable` syncs every commit to disk (SQLite synchronous=FULL), so that a power loss loses
+    nothing committed; default: AUDIOSEARCH_DURABLE.
     """
     started = time.perf_counter()
-    roots = [Path(os.path.abspath(p)) for p in paths]
-    unreadable: list[Unreadable] = []
-    disk, ignored_files = scan(roots, unreadable)
-    collection = Collection(index_dir, create=True, device=device)
+    summary = IngestSummary(pruned=prune)
     try:
-        with collection.writing():
-            if memory_budget_gib is not None:
-                collection.set_memory_budget(memory_budget_gib)
-            summary = _ingest_locked(
-                collection, roots, disk, unreadable, model=model, device=device, precision=precision,
-                batch_size=batch_size, workers=workers, hop_seconds=hop_seconds, prune=prune,
-                retry_failed=retry_failed, progress=progress,
-            )
-    finally:
-        collection.close()
-    summary.ignored, summary.ignored_files = len(ignored_files), ignored_files
+        roots = [Path(os.path.abspath(p)) for p in paths]
+        unreadable: list[Unreadable] = []
+        disk, ignored_files = scan(roots, unreadable)
+        summary.ignored, summary.ignored_files = len(ignored_files), ignored_files
+        collection = Collection(index_dir, create=True, device=device, durable=durable)
+        try:
+            with collection.writing():
+                if memory_budget_gib is not None:
+                    collection.set_memory_budget(memory_budget_gib)
+                _ingest_locked(
+                    collection, roots, disk, unreadable, summary, model=model, device=device, precision=precision,
+                    batch_size=batch_size, workers=workers, hop_seconds=hop_seconds, prune=prune,
+                    retry_failed=retry_failed, progress=progress,
+                )
+        finally:
+            collection.close()
+    except KeyboardInterrupt as e:
+        summary.interrupted = True
+        summary.wall_seconds = time.perf_counter() - started
+        raise Interrupted(signal_of(e), summary, "the files finished are committed; the next ingest resumes "
+                          "from there") from None
     summary.wall_seconds = time.perf_counter() - started
     return summary
 
 
-def _ingest_locked(collection: Collection, roots: list[Path], disk: list[DiskFile], unreadable: list[Unreadable], *,
-                   model, device, precision, batch_size, workers, hop_seconds, prune, retry_failed,
-                   progress) -> IngestSummary:
+def _ingest_locked(collection: Collection, roots: list[Path], disk: list[DiskFile], unreadable: list[Unreadable],
+                   summary: IngestSummary, *, model, device, precision, batch_size, workers, hop_seconds, prune,
+                   retry_failed, progress) -> None:
     store = collection.store
     _check_hop(collection, hop_seconds)
     unlisted = [Path(u.path) for u in unreadable if u.folder]
     plan = plan_changes(store.files(), disk, roots, prune=prune, retry_failed=retry_failed, unlisted=unlisted)
     _fingerprint_unprinted(plan, store.unprinted_paths())
-    summary = IngestSummary(unchanged=plan.unchanged, moved=len(plan.moves), removed=len(plan.remove), pruned=prune,
-                            earlier_failures=plan.unchanged_failed)
+    summary.unchanged, summary.moved, summary.removed = plan.unchanged, len(plan.moves), len(plan.remove)
+    summary.earlier_failures = plan.unchanged_failed
     summary.failed.extend((u.path, u.reason) for u in unreadable if not u.folder)
     summary.unlisted_folders.extend((u.path, u.reason + "; the files indexed from it are kept")
                                     for u in unreadable if u.folder)
@@ -175,7 +188,6 @@ def _ingest_locked(collection: Collection, roots: list[Path], disk: list[DiskFil
         collection.bind_model(Model(model, device=device, precision=precision), hop_seconds=hop_seconds or SEGMENT_SECONDS)
     _, summary.index = collection.refresh_index()
     summary.prints = collection.refresh_prints()
-    return summary
 
 
 def _fingerprint_unprinted(plan: _Plan, unprinted: set[str]) -> None:
@@ -314,7 +326,8 @@ def plan_changes(known: list[FileRow], disk: list[DiskFile], roots: list[Path], 
     moved_from: set[str] = set()
     for f in disk:
         row = by_path.get(f.path)
-        if row and row.size == f.size and row.mtime == f.mtime and (row.status == "ok" or not retry_failed):
+        if (row and row.size == f.size and row.mtime == f.mtime and (row.status == "ok" or not retry_failed)
+                and not _once_too_short(row)):
             plan.unchanged += 1
             plan.unchanged_failed += row.status != "ok"
         elif row and row.status == "ok" and row.size == f.size and same_content(f.path, row.hash):
@@ -327,6 +340,11 @@ def plan_changes(known: list[FileRow], disk: list[DiskFile], roots: list[Path], 
     if prune:
         plan.remove = [r.path for r in vanished if r.path not in moved_from]
     return plan
+
+
+def _once_too_short(row: FileRow) -> bool:
+    """Skipped by an earlier version as under 0.1 s: every such file is embedded now."""
+    return row.status == "skipped" and (row.error or "").startswith("too short to embed")
 
 
 def _moved_from(f: DiskFile, vanished_by_size: dict[int, list[FileRow]], taken: set[str]) -> str | None:
@@ -363,14 +381,15 @@ def _embed(collection: Collection, embedder: Embedder, files: list[DiskFile], su
     known = {row.path for row in collection.store.files()}
     if progress:
         progress.start(len(files))
-    writer = _Writer(collection.dir, collection.device)
+    writer = _Writer(collection.dir, collection.device, collection.store.durable)
     writer.start()
     try:
-        for result in embedder.run(((f, f.path) for f in files), with_hash=True, with_prints=True):
-            writer.put(result)
-            _count(summary, result, result.path in known)
-            if progress:
-                progress.update(result)
+        with closing(embedder.run(((f, f.path) for f in files), with_hash=True, with_prints=True)) as results:
+            for result in results:
+                writer.put(result)
+                _count(summary, result, result.path in known)
+                if progress:
+                    progress.update(result)
     finally:
         writer.finish()
 
@@ -394,9 +413,9 @@ def _row(f: DiskFile, result: FileEmbedding | None = None) -> dict:
 class _Writer(threading.Thread):
     """Commits finished files to SQLite off the model's thread, and checkpoints the FAISS file."""
 
-    def __init__(self, index_dir: Path, device: str):
+    def __init__(self, index_dir: Path, device: str, durable: bool):
         super().__init__(name="audiosearch-writer", daemon=True)
-        self.index_dir, self.device = index_dir, device
+        self.index_dir, self.device, self.durable = index_dir, device, durable
         self.queue: queue.Queue = queue.Queue(maxsize=256)
         self.error: BaseException | None = None
         self.ended = False  # the end marker has been taken from the queue
@@ -413,7 +432,7 @@ class _Writer(threading.Thread):
             raise self.error
 
     def run(self) -> None:
-        collection = Collection(self.index_dir, device=self.device)
+        collection = Collection(self.index_dir, device=self.device, durable=self.durable)
         try:
             self._loop(collection)
         except BaseException as e:

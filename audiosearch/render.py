@@ -65,7 +65,7 @@ def summary_dict(s: IngestSummary) -> dict:
 def print_summary(console: Console, s: IngestSummary) -> None:
     removed = f", {s.removed} removed" if s.pruned else " (pruning off)"
     console.print(
-        f"[bold]{s.added}[/] added, {s.updated} updated, {s.unchanged} unchanged, {s.moved} moved{removed}, "
+        f"{'[bold red]interrupted:[/] ' if s.interrupted else ''}[bold]{s.added}[/] added, {s.updated} updated, {s.unchanged} unchanged, {s.moved} moved{removed}, "
         f"[{'red' if s.failed else 'green'}]{len(s.failed)} failed[/], {len(s.skipped)} skipped, "
         f"{s.ignored} non-audio ignored" + (f", {plural(len(s.unlisted_folders), 'folder')} unreadable"
                                             if s.unlisted_folders else ""),

@@ -10,18 +10,20 @@ reflects, which is how a stale index is noticed after a crash.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import sqlite_utils
 from sqlite_utils.migrations import Migrations
 
-from .errors import IndexNotFound
+from .errors import IndexNotFound, IndexWriteError
 
 DB_NAME = "audiosearch.db"
 TOP_LABELS = 5  # labels stored per segment for filtering
@@ -118,29 +120,39 @@ class SegmentResult:
 class Store:
     """One index's SQLite database. Open one per thread or process."""
 
-    def __init__(self, index_dir: str | Path, *, create: bool = False):
+    def __init__(self, index_dir: str | Path, *, create: bool = False, durable: bool | None = None):
         self.dir = Path(index_dir)
+        self.durable = durable_from_env() if durable is None else durable
         path = self.dir / DB_NAME
+        if self.dir.exists() and not self.dir.is_dir():
+            raise IndexNotFound(f"--index {self.dir} is a file; an index is a folder (a new one, or one made by ingest)")
         if not path.exists() and not create:
             raise IndexNotFound(
                 f"no index at {self.dir} (run 'audiosearch ingest FOLDER --index {self.dir}' to create one)"
             )
         self.dir.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+        # read-only (folder 555, files 444, a read-only mount): readers still read, writers get one line
+        self.read_only = not (os.access(self.dir, os.W_OK) and (not path.exists() or os.access(path, os.W_OK)))
+        if self.read_only and create:
+            raise IndexWriteError(f"the index at {self.dir} is read-only; ingest needs to write its folder and files")
+        conn = _connect_read_only(path) if self.read_only else sqlite3.connect(
+            path, timeout=60, isolation_level=None, check_same_thread=False)
         self.db = sqlite_utils.Database(conn)
         _retry_locked(lambda: self._prepare(create))
 
     def _prepare(self, create: bool) -> None:
         self.db.execute("PRAGMA busy_timeout=60000")
+        if self.read_only:  # it is in WAL mode already; asking for it would write
+            return
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
         if create:
             self.db.execute("BEGIN IMMEDIATE")  # two first runs must not both create the schema
             try:
                 migrations.apply(self.db)
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                self._rollback()
                 raise
 
     def close(self) -> None:
@@ -158,8 +170,13 @@ class Store:
             )
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise
+
+    def _rollback(self) -> None:
+        """Roll back, unless SQLite already did (it does on a full disk): the first error is the one to report."""
+        if self.db.conn.in_transaction:
+            self.db.execute("ROLLBACK")
 
     @contextmanager
     def snapshot(self) -> Iterator[None]:
@@ -479,6 +496,27 @@ class Store:
 
     def _ids(self, sql: str, args: tuple = ()) -> list[int]:
         return [row[0] for row in self.db.execute(sql, args).fetchall()]
+
+
+def durable_from_env() -> bool:
+    """AUDIOSEARCH_DURABLE=1 (or `ingest --durable`): every commit synced to disk, so a power loss loses none.
+
+    The default, synchronous=NORMAL in WAL mode, is as safe against a killed process, but a power
+    loss or OS crash may roll back the last commits made since the last checkpoint (never corrupt).
+    """
+    return os.environ.get("AUDIOSEARCH_DURABLE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """Open without writing anything: through the WAL when its files are there, else as an immutable file."""
+    uri = f"file:{quote(str(path.resolve()))}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=60, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:  # a WAL database with no -shm file, which a read-only folder cannot get
+        conn.close()
+    return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
 
 
 def _retry_locked(step, attempts: int = 8) -> None:

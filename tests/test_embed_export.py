@@ -227,15 +227,16 @@ def test_bad_files_are_listed_and_skipped(tiny_model, tmp_path):
     folder = tmp_path / "mixed"
     good = write(folder / "good.wav", syn.tone(440, 3), 16000)
     (folder / "broken.wav").write_bytes(b"not audio at all" * 20)
-    write(folder / "short.wav", syn.tone(440, 0.05), 16000)
+    short = write(folder / "short.wav", syn.tone(440, 0.05), 16000)  # embedded: every file with a sample is
+    write(folder / "empty.wav", np.zeros(0, dtype=np.float32), 16000)  # no sample: skipped
     out = tmp_path / "f.parquet"
     args = ["embed", folder, "-o", out, "--model", tiny_model, "--device", "cpu", "--precision", "fp32"]
     summary = json.loads(run(*args, "--json"))
     assert [f["path"] for f in summary["failed"]] == [str(folder / "broken.wav")]
-    assert [f["path"] for f in summary["skipped"]] == [str(folder / "short.wav")]
-    assert summary["files"] == 1 and summary["segments"] == 1
+    assert [f["path"] for f in summary["skipped"]] == [str(folder / "empty.wav")]
+    assert summary["files"] == 2 and summary["segments"] == 2
     features = read_features(out)
-    assert features.paths == [str(good)]
+    assert sorted(features.paths) == [str(good), str(short)]
     assert [f["path"] for f in features.failed] == [str(folder / "broken.wav")]
     text = run(*args)
     assert f"failed: {folder / 'broken.wav'}: not readable audio" in text and "1 failed, 1 skipped" in text
@@ -296,3 +297,24 @@ def test_reading_something_else_is_one_line(tmp_path):
         read_features(tmp_path / "other.parquet")
     with pytest.raises(FeatureFileError, match="no such feature file"):
         read_features(tmp_path / "missing.npz")
+
+
+def test_clips_under_one_frame_are_zero_padded_and_longer_ones_fed_as_they_are(tiny_model):
+    from audiosearch.embedder import MIN_SAMPLES, Embedder
+    from audiosearch.model import Model
+
+    model = Model(str(tiny_model), device="cpu", precision="fp32")
+    embedder = Embedder(model, workers=0, batch_size=4)
+    rng = np.random.default_rng(0)
+    short = (0.3 * rng.standard_normal(MIN_SAMPLES - 150)).astype(np.float32)
+    padded = np.concatenate([short, np.zeros(150, np.float32)])
+    (got,) = embedder.embed_waveform(short, 16000)
+    (want,) = embedder.embed_waveform(padded, 16000)
+    assert np.array_equal(got.embedding, want.embedding) and got.end == len(short) / 16000
+
+    longer = (0.3 * rng.standard_normal(3 * MIN_SAMPLES)).astype(np.float32)  # fed with its own length
+    (got,) = embedder.embed_waveform(longer, 16000)
+    wave = torch.zeros(1, len(longer))
+    wave[0] = torch.from_numpy(longer)
+    direct = model(wave, torch.tensor([len(longer)]))
+    assert np.array_equal(got.embedding, direct.embeddings[0].numpy())

@@ -390,25 +390,39 @@ def test_write_failure_ends_the_run_with_one_line(tiny_model, tmp_path, monkeypa
 
 
 # -- 5. silence and very short clips ----------------------------------------------------------------
-def test_silence_is_embedded_and_tiny_clips_are_skipped(tiny_model, tmp_path, decoded):
+def test_silence_and_clips_of_a_few_samples_are_embedded(tiny_model, tmp_path, decoded):
     lib, index = tmp_path / "lib", tmp_path / "idx"
     silence = write(lib / "silence.wav", np.zeros(3 * 16000, dtype=np.float32), 16000)
     tiny = write(lib / "tiny.wav", syn.tone(440, 0.05), 16000)
+    click = write(lib / "click.wav", np.array([0.9], dtype=np.float32), 16000)  # one sample
+    tick = write(lib / "tick.wav", syn.clicks(0.01), 44100)  # resampled to 160 samples
     empty = write(lib / "empty.wav", np.zeros(0, dtype=np.float32), 16000)
     edge = write(lib / "edge.wav", syn.tone(440, 0.1), 16000)
     summary = ingest_json(lib, index, tiny_model)
-    skipped = {s["path"]: s["reason"] for s in summary["skipped"]}
-    assert skipped == {
-        str(tiny): "too short to embed (0.050 s < 0.1 s)", str(empty): "too short to embed (0.000 s < 0.1 s)"
-    }
-    assert files(index)[str(tiny)] == ("skipped", skipped[str(tiny)])
-    assert files(index)[str(silence)] == ("ok", None) and files(index)[str(edge)] == ("ok", None)
-    sql = "SELECT vector FROM segments JOIN files ON files.id = file_id WHERE path = ?"
-    (blob,) = rows(index, sql, (str(silence),))
-    vector = np.frombuffer(blob[0], dtype="<f4")
-    assert np.isfinite(vector).all() and np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-4)
+    assert {s["path"]: s["reason"] for s in summary["skipped"]} == {str(empty): "holds no audio (0 samples)"}
+    for path in (silence, tiny, click, tick, edge):
+        assert files(index)[str(path)] == ("ok", None)
+    sql = 'SELECT start, "end", vector FROM segments JOIN files ON files.id = file_id WHERE path = ?'
+    (start, end, blob), = rows(index, sql, (str(click),))
+    assert (start, end) == (0.0, 1 / 16000)  # the true length, padding not counted
+    vectors = {p: np.frombuffer(rows(index, sql, (str(p),))[0][2], dtype="<f4") for p in (silence, click, tick)}
+    for vector in vectors.values():
+        assert np.isfinite(vector).all() and np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-4)
+    assert not np.allclose(vectors[click], vectors[tick], atol=1e-3)  # padded clips still differ
     decoded.clear()
-    assert ingest_json(lib, index)["unchanged"] == 4 and decoded == []
+    assert ingest_json(lib, index)["unchanged"] == 6 and decoded == []
+
+
+def test_files_an_older_version_skipped_as_too_short_are_embedded(tiny_model, tmp_path):
+    lib, index = tmp_path / "lib", tmp_path / "idx"
+    tiny = write(lib / "tiny.wav", syn.tone(440, 0.05), 16000)
+    ingest_json(lib, index, tiny_model)
+    with sqlite3.connect(index / "audiosearch.db") as db:  # as versions before padding recorded it
+        db.execute("UPDATE files SET status = 'skipped', error = 'too short to embed (0.050 s < 0.1 s)'")
+        db.execute("DELETE FROM segment_labels")
+        db.execute("DELETE FROM segments")
+    summary = ingest_json(lib, index)
+    assert summary["updated"] == 1 and files(index)[str(tiny)] == ("ok", None)
 
 
 # -- 6. concurrency ----------------------------------------------------------------------------------
