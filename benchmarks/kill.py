@@ -270,6 +270,9 @@ def run_to_end(argv: list[str], log: Path) -> tuple[int, float]:
     return code, time.monotonic() - started
 
 
+FINISHED = (0, 3)  # ingest's exit codes for a finished run: 3 when files failed (the library holds broken files)
+
+
 def doctor_clean(index: Path, log: Path) -> bool:
     code, _ = run_to_end(["doctor", "--index", str(index), "--json"], log)
     return code == 0
@@ -342,7 +345,7 @@ def kill_loop(kills: int, files: int, workers: int, seed: int, work: Path) -> di
         set_state(library, stash, state)
         clean = work / f"clean-{state}"
         code, seconds = run_to_end(argv(clean), logs / f"clean-{state}.log")
-        if code != 0:
+        if code not in FINISHED:
             raise SystemExit(f"clean run failed: {(logs / f'clean-{state}.log').read_text()[-2000:]}")
         references[state] = snapshot(clean)
         durations[(state, True)] = seconds
@@ -406,7 +409,7 @@ def kill_loop(kills: int, files: int, workers: int, seed: int, work: Path) -> di
             counts["refused"] += 1
             problems.append(f"round {round_}: resume refused: {text.strip()[-300:]}")
             continue
-        if code != 0:
+        if code not in FINISHED:
             counts["resume_failed"] += 1
             problems.append(f"round {round_}: resume exited {code}: {text.strip()[-600:]}")
             continue

@@ -57,7 +57,7 @@ def test_read_only_index_can_be_read(read_only_index, tiny_model):
     code, out = cli("labels", "--index", index, "--json")
     assert code == 0 and sum(row["segments"] for row in json.loads(out)) >= 2
     code, out = cli("query", clip, "--index", index, "--model", tiny_model, "--no-filter", "-k", "1", "--json")
-    assert code == 0 and json.loads(out)[0]["path"] == str(clip)
+    assert code == 0 and json.loads(out)["hits"][0]["path"] == str(clip)
     code, out = cli("export", "--index", index, "-o", clip.parent.parent / "out" / "f.npz", "--json")
     assert code == 0 and json.loads(out)["segments"] == 2
     code, out = cli("ingest", clip.parent, "--index", index)
