@@ -104,11 +104,12 @@ class Collection:
             if index is not None and index.generation == self.store.generation:
                 return index, None
             index, report = self._sync(index)
-        self._save_if_free(index)
+        self._save_if_free(self._save, index)
         return index, report
 
-    def _save_if_free(self, index: VectorIndex) -> None:
-        """A reader saves its repair when no one is writing; one that may not write here keeps it in memory."""
+    def _save_if_free(self, save, derived) -> None:
+        """A reader saves its repair of a derived file (`save(derived)`) when no one is writing;
+        one that may not write here keeps it in memory."""
         held = self._lock.held
         try:
             if not (held or self._try_lock()):
@@ -116,7 +117,7 @@ class Collection:
         except OSError:
             return
         try:
-            self._save(index)
+            save(derived)
         except IndexWriteError:
             pass
         finally:
@@ -191,7 +192,7 @@ class Collection:
             lookup = lookup or PrintLookup()
             lookup.sync(self.store)
             lookup.generation = generation
-        self._save_prints_if_free(lookup)
+        self._save_if_free(self._save_prints, lookup)
         return lookup
 
     def refresh_prints(self) -> print_lookup.SyncReport:
@@ -229,20 +230,6 @@ class Collection:
             raise IndexWriteError(f"cannot save the print lookup in {self.dir} ({e.strerror or e}); duplicates "
                                   "are still found, from SQLite, and the next ingest saves it") from e
 
-    def _save_prints_if_free(self, lookup: PrintLookup) -> None:
-        held = self._lock.held
-        try:
-            if not (held or self._try_lock()):
-                return
-        except OSError:
-            return
-        try:
-            self._save_prints(lookup)
-        except IndexWriteError:
-            pass
-        finally:
-            if not held:
-                self.unlock()
 
     # -- the single-writer lock -------------------------------------------
     @contextmanager
