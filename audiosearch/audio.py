@@ -222,6 +222,19 @@ def _check_header(f: sf.SoundFile) -> None:
         raise AudioDecodeError(f"absurd header: claims {f.frames} frames at {f.samplerate} Hz")
 
 
+def file_format(path: str | Path) -> tuple[str | None, str | None]:
+    """(container, sample encoding) from the header, as libsndfile names them ("FLAC", "PCM_24"; "MP3",
+    "MPEG_LAYER_III"); for FFmpeg's formats the extension and no encoding. Picks which copy of a
+    duplicate to keep (lossless over lossy, more bits); (None, None) when the header is unreadable."""
+    if needs_ffmpeg(path):
+        return Path(path).suffix.lstrip(".").upper() or None, None
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, OSError):
+        return None, None
+    return info.format or None, info.subtype or None
+
+
 def why_unreadable(path: str | Path) -> str | None:
     """A plainer reason than libsndfile's for the common cases: an empty file, a broken link, no permission."""
     path = str(path)

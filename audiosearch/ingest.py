@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .audio import SEGMENT_SECONDS, is_audio_path
+from .audio import SEGMENT_SECONDS, file_format, is_audio_path
 from .collection import Collection
 from .decode_pool import content_hash
 from .embedder import Embedder, FileEmbedding, Tally
@@ -407,6 +407,8 @@ def _row(f: DiskFile, result: FileEmbedding | None = None) -> dict:
             hash=result.hash, duration=result.duration, sample_rate=result.sample_rate, channels=result.channels,
             status=result.status, error=result.error,
         )
+        if result.status == "ok":
+            row["format"], row["subtype"] = file_format(f.path)
     return row
 
 

@@ -86,6 +86,34 @@ def m002_fingerprints(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations()
+def m003_dupes(db: sqlite_utils.Database) -> None:
+    """The whole-library duplicate report's pairwise results (see match.dupes), and what picks a keeper.
+
+    Keyed by fingerprint id: a changed file gets a new fingerprint, so its old pairs are
+    recognisably stale; a moved file keeps its fingerprint and its pairs. Derived like the
+    lookup index, but costly to redo, so kept; `dupes` writes it without bumping the generation.
+    """
+    db.executescript(
+        """
+        ALTER TABLE files ADD COLUMN format TEXT;   -- container as libsndfile names it (WAV, FLAC, MP3) or the extension
+        ALTER TABLE files ADD COLUMN subtype TEXT;  -- sample encoding (PCM_16, PCM_24, FLOAT, VORBIS, ...)
+        CREATE TABLE dupe_queries (fp_id INTEGER PRIMARY KEY);  -- fingerprints matched against the whole lookup
+        CREATE TABLE dupe_pairs (
+            fp_a INTEGER NOT NULL, fp_b INTEGER NOT NULL,  -- fp_a < fp_b
+            kind TEXT NOT NULL,                            -- whole | contained | partial
+            inner INTEGER,                                 -- contained: the fingerprint wholly inside the other
+            a_start REAL NOT NULL, a_end REAL NOT NULL, b_start REAL NOT NULL, b_end REAL NOT NULL,
+            speed REAL NOT NULL,                           -- a seconds per b second
+            pitch REAL NOT NULL,                           -- b frequency / a frequency
+            score REAL NOT NULL, inliers INTEGER NOT NULL,
+            PRIMARY KEY (fp_a, fp_b)
+        ) WITHOUT ROWID;
+        CREATE INDEX dupe_pairs_b ON dupe_pairs(fp_b);
+        """
+    )
+
+
 @dataclass(frozen=True)
 class FileRow:
     id: int
@@ -159,15 +187,17 @@ class Store:
         self.db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
-        """BEGIN IMMEDIATE ... COMMIT that also bumps the generation."""
+    def transaction(self, *, bump: bool = True) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT that also bumps the generation (unless `bump` is False: a write
+        to a table nothing derived reflects, which must not make the FAISS file and lookup stale)."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
-            self.db.execute(
-                "INSERT INTO meta(key, value) VALUES ('generation', '1') "
-                "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
-            )
+            if bump:
+                self.db.execute(
+                    "INSERT INTO meta(key, value) VALUES ('generation', '1') "
+                    "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+                )
             self.db.execute("COMMIT")
         except BaseException:
             self._rollback()
@@ -257,7 +287,8 @@ class Store:
         self.db.conn.executemany("DELETE FROM files WHERE id = ?", [(i,) for i in ids])
 
     def _upsert_file(self, row: dict) -> int:
-        cols = ["path", "size", "mtime", "hash", "duration", "sample_rate", "channels", "status", "error"]
+        cols = ["path", "size", "mtime", "hash", "duration", "sample_rate", "channels", "format", "subtype", "status",
+                "error"]
         values = [row.get(c) for c in cols] + [time.time()]
         self.db.execute(
             f"INSERT INTO files({', '.join(cols)}, attempts, updated) VALUES ({', '.join('?' * len(cols))}, 0, ?) "
@@ -435,6 +466,85 @@ class Store:
             "WHERE status = 'ok'"
         ).fetchone()
         return row[0], row[1]
+
+    # -- the duplicate report's pairwise results (match.dupes) -------------------
+    @property
+    def has_dupes(self) -> bool:
+        """False for an index made before the duplicate report, until `upgrade` (or an ingest) adds its tables."""
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'dupe_pairs'").fetchone() is not None
+
+    def upgrade(self) -> None:
+        """Apply the migrations an index made by an older audiosearch lacks (no data is rewritten)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            migrations.apply(self.db)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
+    def live_prints(self) -> dict[int, int]:
+        """fingerprint id -> version, for the fingerprints of searchable files."""
+        if not self.has_prints:
+            return {}
+        return dict(self.db.execute(
+            "SELECT fingerprints.id, version FROM fingerprints JOIN files ON files.id = file_id WHERE status = 'ok'"
+        ).fetchall())
+
+    def dupe_queries(self) -> set[int]:
+        """Fingerprints already matched against the whole lookup."""
+        return set(self._ids("SELECT fp_id FROM dupe_queries"))
+
+    def forget_dupes(self, fp_ids: Iterable[int] | None = None) -> None:
+        """Drop the pairwise results touching these fingerprints (all of them when None); inside a transaction."""
+        if fp_ids is None:
+            self.db.execute("DELETE FROM dupe_queries")
+            self.db.execute("DELETE FROM dupe_pairs")
+            return
+        payload = json.dumps([int(i) for i in fp_ids])
+        self.db.execute("DELETE FROM dupe_queries WHERE fp_id IN (SELECT value FROM json_each(?))", (payload,))
+        self.db.execute("DELETE FROM dupe_pairs WHERE fp_a IN (SELECT value FROM json_each(?)) "
+                        "OR fp_b IN (SELECT value FROM json_each(?))", (payload, payload))
+
+    def save_dupes(self, queried: Iterable[int], pairs: Iterable[tuple]) -> None:
+        """Record fingerprints as matched and their pairs (fp_a, fp_b, kind, inner, a_start, a_end, b_start,
+        b_end, speed, pitch, score, inliers); a pair found again replaces itself. Inside a transaction."""
+        self.db.conn.executemany("INSERT OR IGNORE INTO dupe_queries(fp_id) VALUES (?)", [(int(i),) for i in queried])
+        self.db.conn.executemany("INSERT OR REPLACE INTO dupe_pairs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 list(pairs))
+
+    def dupe_pairs(self) -> list[tuple]:
+        """Stored pairs whose two fingerprints are both of searchable files, in fingerprint order."""
+        return self.db.execute(
+            "SELECT p.* FROM dupe_pairs p "
+            "JOIN fingerprints fa ON fa.id = p.fp_a JOIN files a ON a.id = fa.file_id AND a.status = 'ok' "
+            "JOIN fingerprints fb ON fb.id = p.fp_b JOIN files b ON b.id = fb.file_id AND b.status = 'ok' "
+            "ORDER BY p.fp_a, p.fp_b"
+        ).fetchall()
+
+    def print_data(self, ids: Iterable[int]) -> dict[int, bytes]:
+        """fingerprint id -> serialised fingerprint."""
+        return dict(self._select_by_ids("SELECT id, data FROM fingerprints", ids))
+
+    def print_file_details(self, ids: Iterable[int]) -> dict[int, dict]:
+        """fingerprint id -> its file's id, path, duration, sample rate, channels, format and subtype."""
+        cols = ["file_id", "path", "duration", "sample_rate", "channels", "format", "subtype"]
+        rows = self._select_by_ids(
+            "SELECT fingerprints.id, file_id, path, duration, sample_rate, channels, format, subtype "
+            "FROM fingerprints JOIN files ON files.id = file_id", ids, column="fingerprints.id")
+        return {r[0]: dict(zip(cols, r[1:])) for r in rows}
+
+    def file_details(self, file_ids: Iterable[int]) -> dict[int, dict]:
+        """file id -> its path, duration, sample rate, channels, format and subtype."""
+        cols = ["path", "duration", "sample_rate", "channels", "format", "subtype"]
+        rows = self._select_by_ids(f"SELECT id, {', '.join(cols)} FROM files", file_ids)
+        return {r[0]: dict(zip(cols, r[1:])) for r in rows}
+
+    def files_with_labels(self, label_ids: Iterable[int]) -> set[int]:
+        """Ids of the files with a segment carrying any of these labels."""
+        return set(self._ids(
+            "SELECT DISTINCT file_id FROM segments JOIN segment_labels ON segment_id = segments.id "
+            "WHERE label_id IN (SELECT value FROM json_each(?))", (json.dumps([int(i) for i in label_ids]),)))
 
     # -- consistency, for `audiosearch doctor` -------------------------------
     def integrity_errors(self) -> list[str]:

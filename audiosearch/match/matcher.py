@@ -118,9 +118,13 @@ class Matcher:
 
 
 def match_fingerprint(lookup: PrintLookup, fp: Fingerprint, *, min_inliers: int = MIN_INLIERS,
-                      min_score: float = MIN_SCORE) -> list[Alignment]:
-    """Verified alignments of a (query-density) fingerprint in a lookup index, best first."""
-    tr = triplets(fp, QUERY_NEAR, QUERY_FAR)
+                      min_score: float = MIN_SCORE, near: int = QUERY_NEAR, far: int = QUERY_FAR) -> list[Alignment]:
+    """Verified alignments of a (query-density) fingerprint in a lookup index, best first.
+
+    `near` and `far` set the query's triplet fan-out: a stored (library-density) fingerprint
+    matched against its own index (match.dupes) uses the library's, which holds the same triplets.
+    """
+    tr = triplets(fp, near, far)
     if len(tr) == 0:
         return []
     probe_keys, rows = query_keys(tr, fp.short)
