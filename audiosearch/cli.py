@@ -237,6 +237,54 @@ def query(
                 print_explain(err if as_json else out, result)
 
 
+@app.command()
+@friendly
+def dupes(
+    min_seconds: Annotated[float, typer.Option("--min-seconds", min=0.0, metavar="SECONDS", help="Shortest shared "
+                                               "passage to report.")] = 0.0,
+    kind: Annotated[Optional[list[str]], typer.Option("--kind", metavar="KIND", help="Only pairs of this kind: whole, "
+                                                      "contained or partial (repeatable).")] = None,
+    label: Annotated[Optional[list[str]], typer.Option("--label", metavar="NAME", help="Only files with a segment "
+                                                       "carrying this label (repeatable).")] = None,
+    similar: Annotated[Optional[float], typer.Option("--similar", min=-1.0, max=1.0, metavar="COSINE", help="Also list "
+                       "pairs of files whose segment embeddings are this close, not verified as the same recording.")] = None,
+    full: Annotated[bool, typer.Option("--full", help="Match every file again, not only new and changed ones.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV rows (one per pair) on stdout.")] = False,
+    index: IndexOpt = DEFAULT_INDEX,
+    as_json: JsonOpt = False,
+) -> None:
+    """Find groups of files that hold the same audio, and which file of each to keep.
+
+    Whole copies (re-encoded, resampled, louder, sped up, pitch-shifted),
+    files contained in others (excerpts, trims) and partial overlaps, each
+    pair with the matched range in both files, speed and pitch; each group
+    suggests a keeper (lossless, higher rate and bit depth, longer, then path
+    order) and says why. Results are kept in the index: a later run matches
+    only new and changed files. --similar adds near-duplicates by embedding,
+    marked "similar", never "duplicate".
+
+    \b
+    Example:
+        audiosearch dupes --kind whole --min-seconds 5
+    """
+    from .match.dupes import KINDS, find_dupes
+    from .render import DupesBar, print_dupes, print_dupes_csv
+
+    if unknown := sorted(set(kind or []) - set(KINDS)):
+        raise AudiosearchError(f"unknown --kind {unknown[0]!r}; give one of {', '.join(KINDS)}")
+    if as_json and as_csv:
+        raise AudiosearchError("--json and --csv exclude each other; give one of them")
+    with DupesBar(err, enabled=err.is_terminal and not (as_json or as_csv)) as bar:
+        report = find_dupes(index, min_seconds=min_seconds, kinds=kind, labels=label, similar=similar, full=full,
+                            progress=bar)
+    if as_json:
+        print(json.dumps(report.to_dict(), ensure_ascii=False))
+    elif as_csv:
+        print_dupes_csv(report)
+    else:
+        print_dupes(out, report)
+
+
 @contextmanager
 def _stdin_clips(clips: list[str]) -> Iterator[list[str]]:
     """The clips as paths, '-' replaced by a temporary file holding what stdin sent."""

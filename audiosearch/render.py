@@ -167,11 +167,12 @@ def shorten_left(text: str, width: int) -> str:
     return "…" + (tail[slash:] if 0 < slash < len(tail) - 1 else tail)
 
 
-def print_rows(console: Console, header: list[str], rows: list[list[str]], *, shorten: int | None = None) -> None:
+def print_rows(console: Console, header: list[str], rows: list[list[str]], *,
+               shorten: int | tuple[int, ...] | None = None) -> None:
     """A table on a terminal; piped, tab-separated lines (header first) that no width ever wraps.
 
-    On a terminal only the last column wraps (between words); `shorten` is the column (a path) that
-    gives up its left end, never a break inside a name, when the table is too wide.
+    On a terminal only the last column wraps (between words); `shorten` is the column (a path), or the
+    columns, that give up their left end, never a break inside a name, when the table is too wide.
     """
     if not console.is_terminal:
         for row in [header, *rows]:
@@ -182,10 +183,11 @@ def print_rows(console: Console, header: list[str], rows: list[list[str]], *, sh
     for i, name in enumerate(header):
         table.add_column(name, no_wrap=i != len(header) - 1)
     if shorten is not None:
+        paths = (shorten,) if isinstance(shorten, int) else shorten
         last = min(widths[-1], LAST_COLUMN_MIN)
-        others = sum(w for i, w in enumerate(widths[:-1]) if i != shorten) + last + 3 * (len(header) - 1) + 2
-        width = max(PATH_MIN, console.width - others)
-        rows = [[shorten_left(c, width) if i == shorten else c for i, c in enumerate(r)] for r in rows]
+        others = sum(w for i, w in enumerate(widths[:-1]) if i not in paths) + last + 3 * (len(header) - 1) + 2
+        width = max(PATH_MIN, (console.width - others) // len(paths))
+        rows = [[shorten_left(c, width) if i in paths else c for i, c in enumerate(r)] for r in rows]
     for row in rows:
         table.add_row(*(escape(c) for c in row))
     console.print(table)
@@ -245,6 +247,116 @@ def match_text(hit) -> str:
     if abs(match.pitch - 1) >= 0.005:
         text += f" pitch {12 * math.log2(match.pitch):+.1f} st"
     return text
+
+
+def edit_text(speed: float, pitch: float) -> str:
+    """"×1.05 pitch +2.0 st", empty for an unchanged copy: how a copy differs from the file it matches."""
+    parts = []
+    if abs(speed - 1) >= 0.005:
+        parts.append(f"×{speed:.2f}")
+    if abs(pitch - 1) >= 0.005:
+        parts.append(f"pitch {12 * math.log2(pitch):+.1f} st")
+    return " ".join(parts)
+
+
+DUPE_COLUMNS = ["group", "kind", "path", "start", "end", "matches", "match_start", "match_end", "speed", "pitch",
+                "score", "keep", "reason"]
+
+
+def dupe_rows(report) -> list[list[str]]:
+    """One row per pair (the copy as `path`, the file it matches, better to keep, as `matches`), then one
+    per similar pair (score: the cosine): the rows of piped and --csv output."""
+    rows = []
+    for g in report.groups:
+        for p in g.pairs:
+            rows.append([str(g.number), p.kind, p.b.path, f"{p.b_start:.2f}", f"{p.b_end:.2f}", p.a.path,
+                         f"{p.a_start:.2f}", f"{p.a_end:.2f}", f"{p.speed:.4f}", f"{p.pitch:.4f}", f"{p.score:.3f}",
+                         g.keeper.path, g.reason])
+    for s in report.similar:
+        rows.append(["", "similar", s.b.path, f"{s.b_start:.2f}", f"{s.b_end:.2f}", s.a.path, f"{s.a_start:.2f}",
+                     f"{s.a_end:.2f}", "", "", f"{s.cosine:.4f}", "", ""])
+    return rows
+
+
+def print_dupes_csv(report) -> None:
+    import csv
+    import sys
+
+    writer = csv.writer(sys.stdout)
+    writer.writerow(DUPE_COLUMNS)
+    writer.writerows(dupe_rows(report))
+
+
+def print_dupes(console: Console, report) -> None:
+    """Groups, each with its keeper and why, then its pairs; then the similar pairs. Piped: TSV."""
+    if not console.is_terminal:
+        for row in [DUPE_COLUMNS, *dupe_rows(report)]:
+            print("\t".join(cell.replace("\t", " ").replace("\n", " ") for cell in row))
+        return
+    if not report.groups:
+        console.print("No duplicates found.", highlight=False)
+    for g in report.groups:
+        head = f"group {g.number}: {plural(len(g.files), 'file')}, keep "
+        why = f" ({g.reason})"
+        keeper = shorten_left(shown_path(g.keeper.path), console.width - len(head) - len(why))
+        console.print(f"[bold]{escape(head)}{escape(keeper)}[/]{escape(why)}", highlight=False, soft_wrap=True)
+        rows = [[shown_path(p.b.path), f"{clock(p.b_start)}–{clock(p.b_end)}", _relation(p), shown_path(p.a.path),
+                 f"{clock(p.a_start)}–{clock(p.a_end)}", edit_text(p.speed, p.pitch)] for p in _shown_pairs(g)]
+        print_rows(console, ["file", "range", "is", "of", "range", "edit"], rows, shorten=(0, 3))
+    if report.similar_cosine is not None:
+        console.print(f"[bold]similar[/] (segments with cosine ≥ {report.similar_cosine:g}; not verified as the same "
+                      f"recording): {plural(len(report.similar), 'pair')}", highlight=False, soft_wrap=True)
+        if report.similar:
+            rows = [[f"{s.cosine:.4f}", shown_path(s.b.path), f"{clock(s.b_start)}–{clock(s.b_end)}",
+                     shown_path(s.a.path), f"{clock(s.a_start)}–{clock(s.a_end)}"] for s in report.similar]
+            print_rows(console, ["cosine", "file", "segment", "similar to", "segment"], rows, shorten=(1, 3))
+    st = report.stats
+    where = "" if st.saved else " (read-only index: nothing kept for the next run)"
+    console.print(f"{plural(st.fingerprints, 'fingerprinted file')}: {st.matched} matched now, {st.reused} unchanged "
+                  f"since the last run; {plural(st.pairs, 'verified pair')} in {st.seconds:.1f} s{where}",
+                  highlight=False, soft_wrap=True)
+
+
+def _shown_pairs(group) -> list:
+    """One row per file besides the keeper: its pair with the keeper, else with the best-ranked file it
+    matches (--json, --csv and piped output list every pair)."""
+    rank = {f.file_id: n for n, f in enumerate(group.files)}
+    best: dict[int, object] = {}
+    for p in group.pairs:  # `a` is the better of each pair: the row is for `b`
+        if p.b.file_id not in best or rank[p.a.file_id] < rank[best[p.b.file_id].a.file_id]:
+            best[p.b.file_id] = p
+    return sorted(best.values(), key=lambda p: rank[p.b.file_id])
+
+
+def _relation(pair) -> str:
+    """The kind of a pair as the row reads: FILE RANGE <is> whole copy / inside / contains / overlaps OTHER."""
+    if pair.kind == "whole":
+        return "whole copy"
+    if pair.kind == "contained":
+        return "inside" if pair.inner == "b" else "container"
+    return "overlap"
+
+
+class DupesBar:
+    """Files matched and ETA while `dupes` matches fingerprints (shown only when there are many)."""
+
+    def __init__(self, console: Console, *, enabled: bool = True):
+        self.progress = Progress(TextColumn("[bold]dupes"), BarColumn(bar_width=16), MofNCompleteColumn(),
+                                 TextColumn("files"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=console, disable=not enabled, transient=True)
+        self.task = None
+
+    def __enter__(self) -> "DupesBar":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task("dupes", total=total)
+        self.progress.update(self.task, completed=done)
 
 
 def print_explain(console: Console, result: QueryResult) -> None:
