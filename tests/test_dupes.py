@@ -219,7 +219,8 @@ def test_table_groups_pairs_under_their_keeper(dupes_index):
     print_dupes(Console(file=buf, width=100, force_terminal=True, color_system=None), find_dupes(dupes_index))
     text = buf.getvalue()
     assert all(len(line) <= 100 for line in text.splitlines())
-    assert "group 1: 5 files, keep melody_a.wav (more bits per sample (24 vs 16))" in text
+    assert "group 1: 5 files, keep …/" in text and "/melody_a.wav (more bits per sample (24 vs 16))" in text
+    assert text.count("whole copy") == 4  # one row per file besides the keeper (piped output lists every pair)
     assert "whole copy" in text and "inside" in text and "pitch +2.0 st" in text and "×1.05" in text
 
 
