@@ -39,11 +39,13 @@ from .matcher import SHORT_BIN, match_fingerprint
 from .verify import MIN_SCORE, Alignment
 
 KINDS = ("whole", "contained", "partial")
-MIN_COVERED_SECONDS = 3  # seconds of a long file in which aligned triplets start: fewer is chance (two notes)
+MIN_COVERED_SECONDS = 6  # seconds of a long file in which aligned triplets start: fewer can be chance (a few
+# notes of one tune recurring transposed in another; measured on generated music, benchmarks/dupes.py)
+DISCOVER_INLIERS = 16  # collisions a file needs before the lookup's answer is verified: fewer cannot hold 6 s
 EDGE_SECONDS, EDGE_SHARE = 1.0, 0.05  # a match this close to a file's first and last peak covers all of it
 BATCH = 64  # fingerprints matched per SQLite commit: an interrupted run keeps what it finished
 # What the stored pairs depend on; when it changes, every pair is found again.
-PARAMS = json.dumps({"dupes": 1, "fingerprint": VERSION, "min_score": MIN_SCORE, "covered": MIN_COVERED_SECONDS,
+PARAMS = json.dumps({"dupes": 1, "fingerprint": VERSION, "min_score": MIN_SCORE, "covered": MIN_COVERED_SECONDS, "discover": DISCOVER_INLIERS,
                      "edge": [EDGE_SECONDS, EDGE_SHARE], "near": NEAR, "far": FAR})
 PARAMS_KEY = "dupes_params"
 
@@ -150,7 +152,8 @@ def _covers(fp: Fingerprint, start: float, end: float) -> bool:
 
 def candidates(lookup: PrintLookup, fp_id: int, fp: Fingerprint) -> list[int]:
     """Fingerprints the lookup finds sharing a passage with this one (itself left out)."""
-    return sorted({a.fp_id for a in match_fingerprint(lookup, fp, near=NEAR, far=FAR, min_score=0.0)
+    found = match_fingerprint(lookup, fp, near=NEAR, far=FAR, min_score=0.0, min_inliers=DISCOVER_INLIERS)
+    return sorted({a.fp_id for a in found
                    if a.fp_id != fp_id and dense_enough(a, fp)})
 
 
