@@ -24,8 +24,11 @@ Connected pairs form groups; each group suggests a file to keep.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,11 +44,12 @@ from .verify import MIN_SCORE, Alignment
 KINDS = ("whole", "contained", "partial")
 MIN_COVERED_SECONDS = 6  # seconds of a long file in which aligned triplets start: fewer can be chance (a few
 # notes of one tune recurring transposed in another; measured on generated music, benchmarks/dupes.py)
-DISCOVER_INLIERS = 16  # collisions a file needs before the lookup's answer is verified: fewer cannot hold 6 s
+DISCOVER_INLIERS = 10  # collisions (through rare keys) a file needs before the lookup's answer is verified
+DISCOVER_BUCKET = 32  # see RareKeys
 EDGE_SECONDS, EDGE_SHARE = 1.0, 0.05  # a match this close to a file's first and last peak covers all of it
 BATCH = 64  # fingerprints matched per SQLite commit: an interrupted run keeps what it finished
 # What the stored pairs depend on; when it changes, every pair is found again.
-PARAMS = json.dumps({"dupes": 1, "fingerprint": VERSION, "min_score": MIN_SCORE, "covered": MIN_COVERED_SECONDS, "discover": DISCOVER_INLIERS,
+PARAMS = json.dumps({"dupes": 1, "fingerprint": VERSION, "min_score": MIN_SCORE, "covered": MIN_COVERED_SECONDS, "discover": [DISCOVER_INLIERS, DISCOVER_BUCKET],
                      "edge": [EDGE_SECONDS, EDGE_SHARE], "near": NEAR, "far": FAR})
 PARAMS_KEY = "dupes_params"
 
@@ -150,11 +154,35 @@ def _covers(fp: Fingerprint, start: float, end: float) -> bool:
     return start - first <= edge and last - end <= edge
 
 
-def candidates(lookup: PrintLookup, fp_id: int, fp: Fingerprint) -> list[int]:
+class RareKeys:
+    """A lookup index probed only for keys that few entries hold (`max_bucket` or fewer).
+
+    Whole-library matching asks the lookup about every stored triplet; common keys (a
+    harmonic interval on a tempered scale, a repeated drum pattern) return thousands of
+    entries from files that merely sound alike, and the cost of verifying them grows with
+    the library squared. A shared passage of a few seconds holds enough rare keys to be
+    proposed; `match_pair` then verifies it with all of them.
+    """
+
+    def __init__(self, lookup: PrintLookup, max_bucket: int):
+        self.inner, self.max_bucket = lookup, max_bucket
+
+    def lookup(self, probe_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probe_keys = np.asarray(probe_keys, dtype=np.uint32)
+        unique, inverse = np.unique(probe_keys, return_inverse=True)  # sorted: cache-friendly binary searches
+        held = np.zeros(len(unique), dtype=np.int64)
+        for run in self.inner.runs:
+            lo, hi = run.ranges(unique)
+            held += hi - lo
+        keep = np.nonzero((held <= self.max_bucket)[inverse.reshape(-1)])[0]
+        probe, entries = self.inner.lookup(probe_keys[keep])
+        return keep[probe], entries
+
+
+def candidates(lookup: PrintLookup | RareKeys, fp_id: int, fp: Fingerprint) -> list[int]:
     """Fingerprints the lookup finds sharing a passage with this one (itself left out)."""
     found = match_fingerprint(lookup, fp, near=NEAR, far=FAR, min_score=0.0, min_inliers=DISCOVER_INLIERS)
-    return sorted({a.fp_id for a in found
-                   if a.fp_id != fp_id and dense_enough(a, fp)})
+    return sorted({a.fp_id for a in found if a.fp_id != fp_id and dense_enough(a, fp)})
 
 
 @dataclass
@@ -173,12 +201,13 @@ class UpdateStats:
 Progress = Callable[[int, int], None]  # (fingerprints matched so far, to match)
 
 
-def update_pairs(collection: Collection, *, progress: Progress | None = None,
-                 full: bool = False) -> tuple[list[PairRow], UpdateStats]:
+def update_pairs(collection: Collection, *, progress: Progress | None = None, full: bool = False,
+                 workers: int | None = None) -> tuple[list[PairRow], UpdateStats]:
     """Bring the stored pairwise results up to the index's fingerprints, and return them all.
 
     Only fingerprints not matched before are matched (all of them with `full`, or when the matching
-    parameters changed); those of deleted or changed files are forgotten first.
+    parameters changed); those of deleted or changed files are forgotten first. `workers`: processes
+    matching (default: one per CPU, when there are enough files to pay for starting them).
     """
     started = time.perf_counter()
     store = collection.store
@@ -202,10 +231,7 @@ def update_pairs(collection: Collection, *, progress: Progress | None = None,
         stats.forgotten = len(gone)
     todo = sorted(live - done)
     stats.reused = len(live) - len(todo)
-    cache = _PrintCache(store)
-    for start in range(0, len(todo), BATCH):
-        batch = todo[start:start + BATCH]
-        rows = [row for fp_id in batch for row in _pairs_of(lookup, cache, fp_id, live)]
+    for batch, rows in _matched(collection, lookup, todo, live, workers):
         if persist:
             with store.transaction(bump=False):
                 store.save_dupes(batch, [tuple(asdict(r).values()) for r in rows])
@@ -225,13 +251,59 @@ def update_pairs(collection: Collection, *, progress: Progress | None = None,
     return pairs, stats
 
 
-def _pairs_of(lookup: PrintLookup, cache: _PrintCache, fp_id: int, live: set[int]) -> list[PairRow]:
-    fp = cache.get([fp_id]).get(fp_id)
-    if fp is None:
-        return []
-    found = [c for c in candidates(lookup, fp_id, fp) if c in live]
-    others = cache.get(found)
-    return [row for c in found if c in others and (row := match_pair(fp_id, fp, c, others[c])) is not None]
+PARALLEL_MIN = 400  # files to match before worker processes pay for their start (~1 s each)
+
+
+def _matched(collection: Collection, lookup: PrintLookup, todo: list[int], live: set[int],
+             workers: int | None) -> Iterator[tuple[list[int], list[PairRow]]]:
+    """(batch of fingerprint ids, their pairs), in order, matched here or by worker processes."""
+    batches = [todo[i:i + BATCH] for i in range(0, len(todo), BATCH)]
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers <= 1 or len(todo) < PARALLEL_MIN:
+        match = _BatchMatcher(collection.store, lookup, live)
+        for batch in batches:
+            yield batch, match(batch)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_start_worker,
+                               initargs=(str(collection.dir), sorted(live), os.getpid()))
+    try:
+        yield from zip(batches, pool.map(_work, batches))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _BatchMatcher:
+    """Matches fingerprints (by id) against the lookup, then each proposed pair on its own."""
+
+    def __init__(self, store, lookup: PrintLookup, live: set[int]):
+        self.rare, self.live, self.cache = RareKeys(lookup, DISCOVER_BUCKET), live, _PrintCache(store)
+
+    def __call__(self, batch: list[int]) -> list[PairRow]:
+        return [row for fp_id in batch for row in self.pairs_of(fp_id)]
+
+    def pairs_of(self, fp_id: int) -> list[PairRow]:
+        fp = self.cache.get([fp_id]).get(fp_id)
+        if fp is None:
+            return []
+        found = [c for c in candidates(self.rare, fp_id, fp) if c in self.live]
+        others = self.cache.get(found)
+        return [row for c in found if c in others and (row := match_pair(fp_id, fp, c, others[c])) is not None]
+
+
+_worker: _BatchMatcher | None = None
+
+
+def _start_worker(index_dir: str, live: list[int], parent: int) -> None:
+    from ..decode_pool import _die_with_parent
+
+    global _worker
+    _die_with_parent(parent)
+    collection = Collection(index_dir)
+    _worker = _BatchMatcher(collection.store, collection.load_prints(), set(live))
+
+
+def _work(batch: list[int]) -> list[PairRow]:
+    return _worker(batch)
 
 
 class _PrintCache:
@@ -370,12 +442,13 @@ class DupesReport:
 
 def find_dupes(index_dir: str | Path, *, min_seconds: float = 0.0, kinds: Iterable[str] | None = None,
                labels: list[str] | None = None, similar: float | None = None, full: bool = False,
-               progress: Progress | None = None) -> DupesReport:
+               workers: int | None = None, progress: Progress | None = None) -> DupesReport:
     """Groups of files in an index that hold the same audio (see the module's docstring).
 
     `min_seconds`: the shortest shared passage reported; `kinds`: of KINDS; `labels`: only files with a
     segment carrying one of these labels; `similar`: also pairs of files whose segment embeddings are
-    at least this cosine apart but that were not verified; `full`: match every file again.
+    at least this cosine apart but that were not verified; `full`: match every file again; `workers`:
+    processes matching (see `update_pairs`).
 
     Example::
 
@@ -396,7 +469,7 @@ def find_dupes(index_dir: str | Path, *, min_seconds: float = 0.0, kinds: Iterab
             known = store.label_names()
             by_name = {name: i for i, name in known.items()}
             allowed = store.files_with_labels(by_name[resolve_label(n, sorted(known.values()))] for n in labels)
-        rows, stats = update_pairs(collection, progress=progress, full=full)
+        rows, stats = update_pairs(collection, progress=progress, full=full, workers=workers)
         files = _files(store, {i for r in rows for i in (r.fp_a, r.fp_b)})
         verified = {frozenset((files[r.fp_a].file_id, files[r.fp_b].file_id)) for r in rows}
         rows = [r for r in rows if r.kind in kinds and r.seconds >= min_seconds
