@@ -250,12 +250,13 @@ def match_text(hit) -> str:
 
 
 def edit_text(speed: float, pitch: float) -> str:
-    """"×1.05 pitch +2.0 st", empty for an unchanged copy: how a copy differs from the file it matches."""
+    """"×1.05 +0.9 st" (speed, then pitch in semitones), empty for an unchanged copy: how a copy
+    differs from the file it matches."""
     parts = []
     if abs(speed - 1) >= 0.005:
         parts.append(f"×{speed:.2f}")
     if abs(pitch - 1) >= 0.005:
-        parts.append(f"pitch {12 * math.log2(pitch):+.1f} st")
+        parts.append(f"{12 * math.log2(pitch):+.1f} st")
     return " ".join(parts)
 
 

@@ -221,7 +221,7 @@ def test_table_groups_pairs_under_their_keeper(dupes_index):
     assert all(len(line) <= 100 for line in text.splitlines())
     assert "group 1: 5 files, keep …/" in text and "/melody_a.wav (more bits per sample (24 vs 16))" in text
     assert text.count("whole copy") == 4  # one row per file besides the keeper (piped output lists every pair)
-    assert "whole copy" in text and "inside" in text and "pitch +2.0 st" in text and "×1.05" in text
+    assert "whole copy" in text and "inside" in text and "+2.0 st" in text and "×1.05 +0." in text
 
 
 def test_similar_pairs_are_marked_similar_never_duplicate(dupes_index):
