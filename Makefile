@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup system-deps test demo bench bench-search bench-match bench-kill clean
+.PHONY: setup system-deps test demo bench bench-search bench-match bench-kill bench-dupes clean
 
 setup: system-deps $(VENV)/.installed
 
@@ -41,6 +41,11 @@ bench-match: setup
 
 bench-kill: setup
 	$(PY) -m benchmarks.kill
+
+# Duplicate report: a generated library with planted copies (fingerprints only, no model); HOURS=100 for more.
+HOURS ?= 10
+bench-dupes: setup
+	$(PY) -m benchmarks.dupes --hours $(HOURS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo
