@@ -505,6 +505,9 @@ class Store:
         self.db.execute("DELETE FROM dupe_queries WHERE fp_id IN (SELECT value FROM json_each(?))", (payload,))
         self.db.execute("DELETE FROM dupe_pairs WHERE fp_a IN (SELECT value FROM json_each(?)) "
                         "OR fp_b IN (SELECT value FROM json_each(?))", (payload, payload))
+        # a pair with a file that was never a query itself (its fingerprint since replaced or deleted)
+        self.db.execute("DELETE FROM dupe_pairs WHERE fp_a NOT IN (SELECT id FROM fingerprints) "
+                        "OR fp_b NOT IN (SELECT id FROM fingerprints)")
 
     def save_dupes(self, queried: Iterable[int], pairs: Iterable[tuple]) -> None:
         """Record fingerprints as matched and their pairs (fp_a, fp_b, kind, inner, a_start, a_end, b_start,
