@@ -45,12 +45,15 @@ KINDS = ("whole", "contained", "partial")
 MIN_COVERED_SECONDS = 6  # seconds of a long file in which aligned triplets start: fewer can be chance (a few
 # notes of one tune recurring transposed in another; measured on generated music, benchmarks/dupes.py)
 DISCOVER_INLIERS = 10  # collisions (through rare keys) a file needs before the lookup's answer is verified
-DISCOVER_BUCKET = 32  # see RareKeys
+DISCOVER_BUCKET = 32  # see RareKeys: the smallest bucket cap, for libraries under ~800 files
+FILES_PER_BUCKET_ENTRY = 24  # above that the cap grows with the library (files / 24): buckets fill as it grows
 EDGE_SECONDS, EDGE_SHARE = 1.0, 0.05  # a match this close to a file's first and last peak covers all of it
+WINDOW_SECONDS, WINDOW_STEP = 20.0, 12.0  # a long file is proposed pairs window by window (see `candidates`)
 BATCH = 64  # fingerprints matched per SQLite commit: an interrupted run keeps what it finished
 # What the stored pairs depend on; when it changes, every pair is found again.
-PARAMS = json.dumps({"dupes": 1, "fingerprint": VERSION, "min_score": MIN_SCORE, "covered": MIN_COVERED_SECONDS, "discover": [DISCOVER_INLIERS, DISCOVER_BUCKET],
-                     "edge": [EDGE_SECONDS, EDGE_SHARE], "near": NEAR, "far": FAR})
+PARAMS = json.dumps({"dupes": 1, "fingerprint": VERSION, "min_score": MIN_SCORE, "covered": MIN_COVERED_SECONDS, "discover": [DISCOVER_INLIERS, DISCOVER_BUCKET, FILES_PER_BUCKET_ENTRY],
+                     "edge": [EDGE_SECONDS, EDGE_SHARE], "near": NEAR, "far": FAR,
+                     "window": [WINDOW_SECONDS, WINDOW_STEP]})
 PARAMS_KEY = "dupes_params"
 
 LOSSY_FORMATS = {"MP3", "OGG", "AAC", "M4A", "M4B", "MP4", "M4V", "MOV", "3GP", "WMA", "ASF", "WEBM", "MKA", "MKV",
@@ -180,9 +183,31 @@ class RareKeys:
 
 
 def candidates(lookup: PrintLookup | RareKeys, fp_id: int, fp: Fingerprint) -> list[int]:
-    """Fingerprints the lookup finds sharing a passage with this one (itself left out)."""
-    found = match_fingerprint(lookup, fp, near=NEAR, far=FAR, min_score=0.0, min_inliers=DISCOVER_INLIERS)
-    return sorted({a.fp_id for a in found if a.fp_id != fp_id and dense_enough(a, fp)})
+    """Fingerprints the lookup finds sharing a passage with this one (itself left out).
+
+    A long file is asked about window by window: the lookup verifies the few files with the most
+    collisions, and over a whole long file those are files that merely share common keys, not a
+    short excerpt of it that shares one passage. Windows overlap by more than MIN_COVERED_SECONDS,
+    so any passage long enough to count lies wholly in one.
+    """
+    found: set[int] = set()
+    for part in _windows(fp):
+        for a in match_fingerprint(lookup, part, near=NEAR, far=FAR, min_score=0.0, min_inliers=DISCOVER_INLIERS):
+            if a.fp_id != fp_id and dense_enough(a, part):
+                found.add(a.fp_id)
+    return sorted(found)
+
+
+
+def _windows(fp: Fingerprint) -> list[Fingerprint]:
+    if fp.short or fp.duration <= WINDOW_SECONDS * 1.5:
+        return [fp]
+    out = []
+    for start in np.arange(0.0, max(fp.duration - WINDOW_SECONDS, 0.0) + WINDOW_STEP, WINDOW_STEP):
+        sel = (fp.times >= start) & (fp.times < start + WINDOW_SECONDS)
+        if np.count_nonzero(sel) >= 3:
+            out.append(Fingerprint(fp.times[sel], fp.bands[sel], fp.strengths[sel], fp.duration, False))
+    return out
 
 
 @dataclass
@@ -272,11 +297,23 @@ def _matched(collection: Collection, lookup: PrintLookup, todo: list[int], live:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def discovery_bucket(files: int) -> int:
+    """The largest bucket probed when proposing pairs in a library of `files` fingerprints.
+
+    A fixed cap keeps the cost per file flat but loses recall as buckets fill (generated
+    library, cap 32: recall 0.98 at 1,000 files, 0.75 at 3,000; cap 128 at 3,000: 0.96;
+    benchmarks/dupes.py and BENCHMARKS.md), so the cap grows with the library, at the price
+    of a cost per file that grows too. Past ~100,000 files the lookup's own MAX_BUCKET is the cap.
+    """
+    return max(DISCOVER_BUCKET, files // FILES_PER_BUCKET_ENTRY)
+
+
 class _BatchMatcher:
     """Matches fingerprints (by id) against the lookup, then each proposed pair on its own."""
 
     def __init__(self, store, lookup: PrintLookup, live: set[int]):
-        self.rare, self.live, self.cache = RareKeys(lookup, DISCOVER_BUCKET), live, _PrintCache(store)
+        self.rare = RareKeys(lookup, discovery_bucket(len(live)))
+        self.live, self.cache = live, _PrintCache(store)
 
     def __call__(self, batch: list[int]) -> list[PairRow]:
         return [row for fp_id in batch for row in self.pairs_of(fp_id)]
