@@ -190,7 +190,8 @@ QUERY_WIDEN = 1.15  # a query's zone reaches this much nearer and farther: ±10 
 MIN_SPAN, MAX_SPAN = 0.06, 1.2  # seconds between a triplet's first and last peak (short sounds: from SHORT.min_span)
 MAX_BAND_GAP = 36  # a triplet spans at most 1.5 octaves
 RATIO_LEVELS = 8  # quantisation of (t2 - t1) / (t3 - t1)
-GAP_STEP = 2.0  # bands per key step of a frequency difference
+GAP_LEVELS = 128  # key levels of a frequency difference: ±MAX_BAND_GAP / GAP_STEP fits
+GAP_STEP = 1.0  # bands per key step of a frequency difference
 SPAN_STEP = 0.14  # log2 seconds per key step of the span (10 %)
 OCTAVE_STEP = 12  # bands per step of the anchor's coarse frequency (half an octave)
 KEYS_VERSION = 2  # bump when triplets or keys change: lookup files of another are rebuilt from the stored peaks
@@ -280,7 +281,7 @@ def _empty_triplets() -> Triplets:
 
 
 # Key layout, low to high: ratio (3 bits) | gap2 (6) | gap3 (6) | span (5) | octave (3) | short (1)
-_FIELDS = (("ratio", RATIO_LEVELS), ("gap2", 64), ("gap3", 64), ("span", 32), ("octave", 8), ("short", 2))
+_FIELDS = (("ratio", RATIO_LEVELS), ("gap2", GAP_LEVELS), ("gap3", GAP_LEVELS), ("span", 32), ("octave", 8), ("short", 2))
 KEY_BITS = sum(int(levels - 1).bit_length() for _, levels in _FIELDS)
 
 
@@ -288,8 +289,8 @@ def _coordinates(tr: Triplets) -> dict[str, np.ndarray]:
     """Each key field as a continuous value whose integer part is the stored level."""
     return {
         "ratio": tr.ratio * (RATIO_LEVELS - 1) + 0.5,  # 0 and 1 (shared frames) sit mid-cell
-        "gap2": tr.gap2 / GAP_STEP + 32,
-        "gap3": tr.gap3 / GAP_STEP + 32,
+        "gap2": tr.gap2 / GAP_STEP + GAP_LEVELS // 2,
+        "gap3": tr.gap3 / GAP_STEP + GAP_LEVELS // 2,
         "span": (np.log2(np.maximum(tr.span, MIN_SPAN / 2)) - np.log2(MIN_SPAN)) / SPAN_STEP,
         "octave": tr.b1 / OCTAVE_STEP,
     }
@@ -309,7 +310,7 @@ def keys(tr: Triplets, short: bool) -> np.ndarray:
 
 # How far from a cell's edge a query coordinate must be before the neighbouring cell is not probed.
 # The span and octave move with tempo and pitch edits, so both neighbours are always probed there.
-PROBE_MARGIN = {"ratio": 0.3, "gap2": 0.3, "gap3": 0.3, "span": 1.0, "octave": 1.0}
+PROBE_MARGIN = {"ratio": 0.3, "gap2": 0.35, "gap3": 0.35, "span": 1.0, "octave": 1.0}
 
 
 def query_keys(tr: Triplets, short: bool) -> tuple[np.ndarray, np.ndarray]:

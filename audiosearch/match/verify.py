@@ -76,13 +76,19 @@ def align(query: Triplets, query_bins: np.ndarray, probe_rows: np.ndarray, entri
     pitch_bands = q_b - r_b
     ok = (ratio > MIN_SPEED * (1 - SPAN_TOLERANCE)) & (ratio < MAX_SPEED * (1 + SPAN_TOLERANCE))
     ok &= np.abs(pitch_bands) <= MAX_PITCH_STEP * BANDS_PER_OCTAVE / 12
-    fp = entries["fp"].astype(np.int64)
-    fps, counts = _consistent_counts(fp[ok], (r_t - q_t)[ok])
+    # every collision of one file together, in their original order, for the per-file verification
+    rows = np.nonzero(ok)[0]
+    fp = entries["fp"][rows].astype(np.int64)
+    rows = rows[np.argsort(fp, kind="stable")]
+    fp = entries["fp"][rows].astype(np.int64)
+    q_t, r_t, ratio, pitch_bands, q_span = q_t[rows], r_t[rows], ratio[rows], pitch_bands[rows], q_span[rows]
+    fps, counts = _consistent_counts(fp, r_t - q_t)
     order = np.argsort(-counts, kind="stable")[:CANDIDATES]
     best = fps[order][counts[order] >= min_inliers]
     out = []
     for fp_id in best:
-        sel = ok & (fp == fp_id)
+        lo, hi = np.searchsorted(fp, [fp_id, fp_id + 1])
+        sel = slice(lo, hi)
         a = _verify(int(fp_id), q_t[sel], r_t[sel], ratio[sel], pitch_bands[sel], q_span[sel], query_bins,
                     bin_seconds)
         if a is not None and a.inliers >= min_inliers and a.score >= min_score:
