@@ -330,3 +330,17 @@ def test_doctor_repairs_a_damaged_lookup(match_library, tiny_model, tmp_path):
     assert "print lookup is damaged" in out
     assert "rebuilt the print lookup" in run("doctor", "--index", index, "--repair")
     run("doctor", "--index", index)
+
+
+def test_a_lookup_of_older_keys_is_rebuilt_not_trusted(match_library, tiny_model, tmp_path):
+    """An index saved by an earlier release holds keys this one does not make: queries and doctor must notice."""
+    index = tmp_path / "idx"
+    run("ingest", match_library, "--index", index, "--model", tiny_model)
+    manifest = index / L.MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "keys": 1}))
+    assert "print lookup is outdated" in run("doctor", "--index", index, code=1)
+    clip = tmp_path / "clip.wav"
+    write(clip, syn.melody(30, seed=1, rate=44100)[44100 * 5: 44100 * 15], 44100)
+    hits = query(index, tiny_model, clip)
+    assert hits[0]["path"].endswith("melody_a.wav") and hits[0]["match"]["kind"] == "duplicate"
+    run("doctor", "--index", index)  # the query saved the rebuilt lookup

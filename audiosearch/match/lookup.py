@@ -56,6 +56,10 @@ class LookupCorrupt(Exception):
     """A run or the manifest cannot be read; the lookup index is derived, so rebuild it from SQLite."""
 
 
+class LookupOutdated(LookupCorrupt):
+    """The lookup files were made by another fingerprint or key version: rebuild them from SQLite."""
+
+
 @dataclass
 class Run:
     """One immutable sorted run: the fingerprint ids it covers, its keys and their entries.
@@ -261,8 +265,9 @@ def load(directory: Path, *, verify: bool = False) -> PrintLookup | None:
         manifest = json.loads(path.read_bytes())
         names, masked, generation = manifest["runs"], manifest["masked"], int(manifest["generation"])
         if (manifest.get("version"), manifest.get("keys")) != (VERSION, KEYS_VERSION):
-            raise LookupCorrupt(f"{path} is from fingerprint version {manifest.get('version')}, keys "
-                                f"{manifest.get('keys')}")
+            raise LookupOutdated(f"{path} holds keys of another audiosearch version (fingerprint "
+                                 f"{manifest.get('version')}, keys {manifest.get('keys')}; this one makes "
+                                 f"{VERSION}, {KEYS_VERSION})")
     except (ValueError, KeyError, TypeError) as e:
         raise LookupCorrupt(f"{path} is unreadable ({e})") from e
     runs = [_read_run(directory / name, verify) for name in names]
