@@ -10,7 +10,7 @@ import numpy as np
 from ..audio import SAMPLE_RATE, decode, to_model_audio
 from ..collection import Collection
 from ..errors import AudioDecodeError
-from .fingerprint import QUERY_DENSITY, QUERY_FAR, QUERY_NEAR, Fingerprint, fingerprint, query_keys, triplets
+from .fingerprint import QUERY_DENSITY, QUERY_FAR, QUERY_NEAR, QUERY_WIDEN, Fingerprint, fingerprint, query_keys, triplets
 from .lookup import PrintLookup
 from .verify import MIN_INLIERS, MIN_SCORE, Alignment, align
 
@@ -118,13 +118,14 @@ class Matcher:
 
 
 def match_fingerprint(lookup: PrintLookup, fp: Fingerprint, *, min_inliers: int = MIN_INLIERS,
-                      min_score: float = MIN_SCORE, near: int = QUERY_NEAR, far: int = QUERY_FAR) -> list[Alignment]:
+                      min_score: float = MIN_SCORE, near: int = QUERY_NEAR, far: int = QUERY_FAR,
+                      widen: float = QUERY_WIDEN) -> list[Alignment]:
     """Verified alignments of a (query-density) fingerprint in a lookup index, best first.
 
-    `near` and `far` set the query's triplet fan-out: a stored (library-density) fingerprint
-    matched against its own index (match.dupes) uses the library's, which holds the same triplets.
+    `near`, `far` and `widen` set the query's triplets: a stored (library-density) fingerprint
+    matched against its own index (match.dupes) uses the library's, which are the same triplets.
     """
-    tr = triplets(fp, near, far)
+    tr = triplets(fp, near, far, widen)
     if len(tr) == 0:
         return []
     probe_keys, rows = query_keys(tr, fp.short)
