@@ -36,7 +36,7 @@ import numpy as np
 
 from ..audio import file_format
 from ..collection import Collection
-from .fingerprint import FAR, NEAR, VERSION, Fingerprint
+from .fingerprint import FAR, KEYS_VERSION, NEAR, VERSION, Fingerprint
 from .lookup import PrintLookup, Run, entries_of
 from .matcher import SHORT_BIN, match_fingerprint
 from .verify import MIN_SCORE, Alignment
@@ -51,7 +51,9 @@ EDGE_SECONDS, EDGE_SHARE = 1.0, 0.05  # a match this close to a file's first and
 WINDOW_SECONDS, WINDOW_STEP = 20.0, 12.0  # a long file is proposed pairs window by window (see `candidates`)
 BATCH = 64  # fingerprints matched per SQLite commit: an interrupted run keeps what it finished
 # What the stored pairs depend on; when it changes, every pair is found again.
-PARAMS = json.dumps({"dupes": 1, "fingerprint": VERSION, "min_score": MIN_SCORE, "covered": MIN_COVERED_SECONDS, "discover": [DISCOVER_INLIERS, DISCOVER_BUCKET, FILES_PER_BUCKET_ENTRY],
+PARAMS = json.dumps({"dupes": 1, "fingerprint": VERSION, "keys": KEYS_VERSION, "min_score": MIN_SCORE,
+                     "covered": MIN_COVERED_SECONDS,
+                     "discover": [DISCOVER_INLIERS, DISCOVER_BUCKET, FILES_PER_BUCKET_ENTRY],
                      "edge": [EDGE_SECONDS, EDGE_SHARE], "near": NEAR, "far": FAR,
                      "window": [WINDOW_SECONDS, WINDOW_STEP]})
 PARAMS_KEY = "dupes_params"
