@@ -243,7 +243,8 @@ def serve(
     index: IndexOpt = DEFAULT_INDEX,
     host: Annotated[str, typer.Option("--host", metavar="ADDR", help="Address to listen on; any but this "
                                       "machine's (127.0.0.1, ::1) needs --token or --insecure.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, metavar="PORT",
+                                      help="Port to listen on (0: any free one).")] = 8000,
     token: Annotated[Optional[str], typer.Option("--token", envvar="AUDIOSEARCH_TOKEN", metavar="SECRET",
                                                  help="Every request must carry it (the printed URL does).")] = None,
     insecure: Annotated[bool, typer.Option("--insecure", help="Listen beyond this machine with no token.")] = False,
