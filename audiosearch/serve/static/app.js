@@ -175,9 +175,9 @@ function drawWave(canvas, wave, from, to, playhead) {
   g.fillRect(x(from), 0, Math.max(2, x(to) - x(from)), h);
   if (wave.peaks) {
     g.fillStyle = css.getPropertyValue("--wave");
-    const bw = w / wave.peaks.length;
+    const bw = w / wave.peaks.length, loudest = Math.max(1e-6, ...wave.peaks);  // quiet files drawn as tall
     wave.peaks.forEach((p, i) => {
-      const ph = Math.max(1, p * h * 0.95);
+      const ph = Math.max(1, (p / loudest) * h * 0.95);
       g.fillRect(i * bw, (h - ph) / 2, Math.max(1, bw - ratio), ph);
     });
   }
