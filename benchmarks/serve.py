@@ -10,7 +10,9 @@ ingest benchmark's) is indexed once under benchmarks/.cache. The server is start
 starts it (`python -m audiosearch serve --port 0`), and clients upload 10.24 s WAV excerpts
 of library files (each request a new excerpt of one of 8), each client one request after the
 other, `--requests` per client level in all. Reported per level: requests/s, p50 and p99
-latency, errors, and the server's own per-stage times (median).
+latency, errors, the server's own per-stage times (median), and, at one client, the median
+time of a request outside the model (latency minus the server's own "embed" stage, the
+model's time for the clip's segment in that same request): the issue's budget is 50 ms.
 
 Reference figures, in their own processes so they do not share the CPU with the server:
   model      one segment through `Model` (log-mel + network), median of 20 after warm-up:
@@ -111,6 +113,7 @@ def load(url: str, payloads: list[bytes], clients: int, requests: int) -> dict:
     latencies: list[float] = []
     stages: list[dict] = []
     errors: list[str] = []
+    beyond: list[float] = []  # ms of each request spent outside the model (its own "embed" stage)
     lock = threading.Lock()
     counter = iter(range(requests))
 
@@ -125,6 +128,7 @@ def load(url: str, payloads: list[bytes], clients: int, requests: int) -> dict:
                     if r.status_code == 200:
                         latencies.append(took)
                         stages.append(r.json()["timings_ms"])
+                        beyond.append(1000 * took - stages[-1]["embed"])
                     else:
                         errors.append(f"{r.status_code} {r.text[:100]}")
 
@@ -137,6 +141,7 @@ def load(url: str, payloads: list[bytes], clients: int, requests: int) -> dict:
     return {
         "clients": clients, "requests": requests, "errors": len(errors), "error_sample": errors[:3],
         "requests_per_s": len(latencies) / wall, "p50_ms": _pct(ms, 50), "p99_ms": _pct(ms, 99),
+        "beyond_model_ms": _pct(sorted(beyond), 50),
         "stages_ms": {k: statistics.median(s[k] for s in stages if k in s) for k in stages[0]} if stages else {},
     }
 
@@ -203,13 +208,13 @@ def run(args: argparse.Namespace) -> dict:
 def print_model(name: str, e: dict) -> None:
     print(f"\n{name} model: one segment through the model alone {e['model_ms']:.1f} ms; server start "
           f"{e['startup_s']:.1f} s" + (f"; `audiosearch query` process {e['cli_s']:.2f} s" if e["cli_s"] else ""))
-    print(f"  {'clients':>7} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}  p50 - model (budget 50 ms)"
-          "  server stages (median ms)")
+    print(f"  {'clients':>7} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}  beyond the model, median ms "
+          "(budget 50)  server stages (median ms)")
     for lv in e["levels"]:
-        over = lv["p50_ms"] - e["model_ms"] if lv["clients"] == 1 else float("nan")
+        beyond = lv["beyond_model_ms"] if lv["clients"] == 1 else float("nan")  # queued requests wait for others
         stages = ", ".join(f"{k} {v:.1f}" for k, v in lv["stages_ms"].items())
         print(f"  {lv['clients']:>7} {lv['requests_per_s']:>7.2f} {lv['p50_ms']:>8.1f} {lv['p99_ms']:>8.1f} "
-              f"{lv['errors']:>6}  {over:>10.1f}{'':16}{stages}")
+              f"{lv['errors']:>6}  {beyond:>10.1f}{'':18}{stages}")
         for sample in lv["error_sample"]:
             print(f"    error: {sample}")
     if e["cli_s"]:
