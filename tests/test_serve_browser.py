@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import mixed_40s, write
-from .serve_data import secret, serve_index, serve_library  # noqa: F401 (fixtures)
+from .serve_data import serve_index, serve_library  # noqa: F401 (fixtures)
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "build" / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

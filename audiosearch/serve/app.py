@@ -105,10 +105,6 @@ def _errors(app: FastAPI, service: Service) -> None:
             return _error(413, _too_large(service))
         return _error(e.status_code, str(e.detail))
 
-    @app.exception_handler(RangeNotSatisfiable)
-    async def bad_range(request: Request, e: RangeNotSatisfiable):
-        return _error(416, "the requested byte range is outside the file")
-
 
 def _too_large(service: Service) -> str:
     return f"the upload is larger than this server's limit of {service.limits.upload_bytes / (1 << 20):g} MiB"

@@ -31,10 +31,6 @@ class ByteRange:
     start: int
     end: int  # inclusive, as in Content-Range
 
-    @property
-    def length(self) -> int:
-        return self.end - self.start + 1
-
 
 class RangeNotSatisfiable(Exception):
     """A Range header that asks for bytes the file does not have (HTTP 416)."""
