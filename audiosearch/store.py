@@ -557,15 +557,19 @@ class Store:
         """fingerprint id -> its file's id, path, duration, sample rate, channels, format and subtype."""
         cols = ["file_id", "path", "duration", "sample_rate", "channels", "format", "subtype"]
         rows = self._select_by_ids(
-            "SELECT fingerprints.id, file_id, path, duration, sample_rate, channels, format, subtype "
+            f"SELECT fingerprints.id, file_id, path, duration, sample_rate, channels, {self._format_columns()} "
             "FROM fingerprints JOIN files ON files.id = file_id", ids, column="fingerprints.id")
         return {r[0]: dict(zip(cols, r[1:])) for r in rows}
 
     def file_details(self, file_ids: Iterable[int]) -> dict[int, dict]:
         """file id -> its path, duration, sample rate, channels, format and subtype."""
         cols = ["path", "duration", "sample_rate", "channels", "format", "subtype"]
-        rows = self._select_by_ids(f"SELECT id, {', '.join(cols)} FROM files", file_ids)
+        rows = self._select_by_ids(f"SELECT id, {', '.join(cols[:4])}, {self._format_columns()} FROM files", file_ids)
         return {r[0]: dict(zip(cols, r[1:])) for r in rows}
+
+    def _format_columns(self) -> str:
+        """format and subtype, or NULLs in a (read-only) index made before they were recorded."""
+        return "format, subtype" if self.has_dupes else "NULL, NULL"
 
     def files_with_labels(self, label_ids: Iterable[int]) -> set[int]:
         """Ids of the files with a segment carrying any of these labels."""
