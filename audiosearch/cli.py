@@ -237,6 +237,39 @@ def query(
                 print_explain(err if as_json else out, result)
 
 
+@app.command()
+@friendly
+def scan(
+    recording: Annotated[Path, typer.Argument(metavar="RECORDING", help="A long audio file to search through.")],
+    min_seconds: Annotated[float, typer.Option("--min-seconds", min=0.0, metavar="SECONDS",
+                                               help="Shortest occurrence to report.")] = 0.0,
+    index: IndexOpt = DEFAULT_INDEX,
+    as_json: JsonOpt = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print comma-separated rows (header first).")] = False,
+) -> None:
+    """Find every place in RECORDING where audio of the index's files occurs.
+
+    Each occurrence gives the recording's range, the library file and its range,
+    the speed and pitch factors and a score. The recording is streamed (memory
+    stays flat however long it is); no model is loaded.
+
+    \b
+    Example:
+        audiosearch scan broadcast.flac --index indexes/sfx --min-seconds 2
+    """
+    from .match.scan import scan as run_scan
+    from .render import ScanBar, print_scan, print_scan_csv
+
+    with ScanBar(err, enabled=err.is_terminal and not (as_json or as_csv)) as bar:
+        result = run_scan(recording, index_dir=index, min_seconds=min_seconds, progress=bar)
+    if as_json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+    elif as_csv:
+        print_scan_csv(result)
+    else:
+        print_scan(out, result)
+
+
 @contextmanager
 def _stdin_clips(clips: list[str]) -> Iterator[list[str]]:
     """The clips as paths, '-' replaced by a temporary file holding what stdin sent."""

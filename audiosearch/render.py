@@ -329,3 +329,66 @@ def shown_path(path: str) -> str:
     """Paths under the working directory are shown relative to it; JSON output keeps them absolute."""
     cwd = os.getcwd().rstrip(os.sep) + os.sep
     return path[len(cwd):] if path.startswith(cwd) else path
+
+
+class ScanBar:
+    """Recording time scanned, occurrences found, rate and ETA while `scan` runs."""
+
+    def __init__(self, console: Console, *, enabled: bool = True):
+        self.progress = Progress(
+            TextColumn("[bold]scan"), BarColumn(bar_width=16), TextColumn("{task.fields[done]}"),
+            TextColumn("{task.fields[found]} found, {task.fields[rate]:.0f}x"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, disable=not enabled, transient=False,
+        )
+        self.task = None
+
+    def __enter__(self) -> "ScanBar":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def start(self, seconds: float | None) -> None:
+        self.task = self.progress.add_task("scan", total=seconds, done="", found=0, rate=0.0)
+
+    def update(self, seconds: float, found: int) -> None:
+        elapsed = self.progress.tasks[0].elapsed or 1e-9
+        total = self.progress.tasks[0].total
+        if total is not None and seconds > total:  # the header's estimate was short
+            self.progress.update(self.task, total=seconds)
+        self.progress.update(self.task, completed=seconds, done=clock(seconds).split(".")[0], found=found,
+                             rate=seconds / elapsed)
+
+
+SCAN_COLUMNS = ["start", "end", "path", "file start", "file end", "speed", "pitch", "score"]
+
+
+def scan_row(o, *, piped: bool) -> list[str]:
+    """One occurrence: times as m:ss.ss on a terminal, plain seconds when piped; pitch in semitones."""
+    when = (lambda t: f"{t:.2f}") if piped else clock
+    semitones = 12 * math.log2(o.pitch) if o.pitch > 0 else 0.0
+    return [when(o.start), when(o.end), shown_path(o.path) if not piped else o.path, when(o.file_start),
+            when(o.file_end), f"{o.speed:.3f}", f"{semitones:+.1f} st", f"{o.score:.2f}"]
+
+
+def print_scan(console: Console, result) -> None:
+    found = plural(len(result.occurrences), "occurrence")
+    if console.is_terminal or not result.occurrences:
+        console.print(f"{found} in {duration(result.duration)} of {escape(shown_path(result.recording))}",
+                      highlight=False)
+    if result.occurrences:
+        piped = not console.is_terminal
+        print_rows(console, SCAN_COLUMNS, [scan_row(o, piped=piped) for o in result.occurrences], shorten=2)
+
+
+def print_scan_csv(result) -> None:
+    import csv
+    import sys
+
+    writer = csv.writer(sys.stdout)
+    writer.writerow([c.replace(" ", "_") for c in SCAN_COLUMNS] + ["inliers"])
+    for o in result.occurrences:
+        writer.writerow([f"{o.start:.3f}", f"{o.end:.3f}", o.path, f"{o.file_start:.3f}", f"{o.file_end:.3f}",
+                         f"{o.speed:.4f}", f"{o.pitch:.4f}", f"{o.score:.3f}", o.inliers])
