@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup system-deps test demo bench bench-search bench-match bench-kill clean
+.PHONY: setup system-deps test demo bench bench-search bench-match bench-kill bench-scan clean
 
 setup: system-deps $(VENV)/.installed
 
@@ -41,6 +41,10 @@ bench-match: setup
 
 bench-kill: setup
 	$(PY) -m benchmarks.kill
+
+# Scan benchmark: a generated 2-hour recording with 50 planted, edited library excerpts (needs sox, espeak-ng).
+bench-scan: setup
+	$(PY) -m benchmarks.scan
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo
