@@ -33,6 +33,8 @@ class IngestBar:
         self.task = None
         self.segments = 0
         self.seconds = 0.0
+        self.files_done = 0
+        self.within: dict[str, tuple[int, float]] = {}  # files under way: segments counted, share done
 
     def __enter__(self) -> "IngestBar":
         self.progress.start()
@@ -45,12 +47,25 @@ class IngestBar:
         self.task = self.progress.add_task("ingest", total=files, segments=0, hours=0.0, rate=0.0)
 
     def update(self, result: FileEmbedding) -> None:
-        self.segments += len(result.segments)
+        counted, _ = self.within.pop(result.path, (0, 0.0))
+        self.segments += len(result.segments) - counted
         self.seconds += (result.duration or 0.0) if result.status == "ok" else 0.0
+        self.files_done += 1
+        self._show()
+
+    def advance(self, path: str, new: int, done: int, total: int) -> None:
+        """Segments of a file under way: the bar moves by the share of the file done (a 2-hour file is
+        one file of many segments), and the segment count and rate follow them."""
+        counted, _ = self.within.get(path, (0, 0.0))
+        self.within[path] = (counted + new, done / max(total, 1))
+        self.segments += new
+        self._show()
+
+    def _show(self) -> None:
         elapsed = self.progress.tasks[0].elapsed or 1e-9
-        self.progress.update(
-            self.task, advance=1, segments=self.segments, hours=self.seconds / 3600, rate=self.segments / elapsed
-        )
+        completed = self.files_done + sum(share for _, share in self.within.values())
+        self.progress.update(self.task, completed=completed, segments=self.segments, hours=self.seconds / 3600,
+                             rate=self.segments / elapsed)
 
 
 def summary_dict(s: IngestSummary) -> dict:

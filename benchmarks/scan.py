@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plants", type=int, default=50)
     ap.add_argument("--library", type=int, default=300, help="library files")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--work", type=Path, help="keep the library, index and recording here (default: a temp dir)")
+    ap.add_argument("--work", type=Path, help="keep the library, index, recording and truth here, and reuse them "
+                    "when there (default: a temp dir)")
     ap.add_argument("--no-reference", action="store_true", help="skip the whole-recording query")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -221,10 +222,15 @@ def main(argv: list[str] | None = None) -> None:
         root.mkdir(parents=True, exist_ok=True)
         rng = random.Random(args.seed)
         t0 = time.perf_counter()
-        library = build_library(root, args.library, rng)
-        recording, truth = build_recording(root, library, args.hours, args.plants, rng, args.seed)
-        print(f"built {len(library)} library files and a {args.hours:g} h recording with {len(truth)} plants "
-              f"in {time.perf_counter() - t0:.0f} s", flush=True)
+        built = root / "truth.json"
+        if built.exists():  # a --work folder built before with the same options
+            recording, truth = root / "recording.flac", json.loads(built.read_text())
+        else:
+            library = build_library(root, args.library, rng)
+            recording, truth = build_recording(root, library, args.hours, args.plants, rng, args.seed)
+            built.write_text(json.dumps(truth))
+            print(f"built {len(library)} library files and a {args.hours:g} h recording with {len(truth)} plants "
+                  f"in {time.perf_counter() - t0:.0f} s", flush=True)
         index = root / "index"
         if not (index / "audiosearch.db").exists():
             syn.save_random_checkpoint(root / "tiny-ast", **TINY)
