@@ -35,9 +35,10 @@ from .verify import MIN_INLIERS, Alignment
 WINDOW_SECONDS = 15.0
 HOP_SECONDS = 10.0  # windows overlap by 5 s: any passage of up to 5 s lies whole in one of them
 MIN_COVERED_SECONDS = 3  # seconds of a window in which an aligned triplet starts, for a match to count
-# ... and aligned triplets per second of the match: true copies, edited too, gave 10-24 in the benchmark,
-# chance alignments of sounds made of the same notes or syllables 2-6
-MIN_INLIER_RATE = 6.0
+# ... and aligned triplets: a window meets a whole library, so chance alignments of sounds built of the
+# same notes (a tune a semitone away) are far more frequent than for one query clip. In the benchmark
+# (benchmarks/scan.py) 95 % of chance alignments had under 22, true ones (edited too) 49 or more.
+MIN_SCAN_INLIERS = 40
 SNAP_SECONDS = 0.25  # an occurrence this close to its file's start or end is extended to it
 MERGE_GAP_SECONDS = 2.0  # matches of one file further apart than this in the recording stay separate
 MERGE_OFFSET_SECONDS = 0.25  # ... or whose lines disagree by more than this on where the file is
@@ -183,11 +184,11 @@ def _window_matches(matcher: Matcher, fp: Fingerprint, offset: float, files: _Fi
         return []
     bins = len(np.unique(np.floor(fp.times).astype(np.int64)))
     need = min(MIN_COVERED_SECONDS, bins) / max(1, bins)  # a recording shorter than that: all of it
-    alignments = match_fingerprint(matcher.lookup, fp, min_inliers=MIN_INLIERS, min_score=need)
+    # a recording shorter than one window is a clip: the query's own threshold then
+    least = MIN_INLIERS if offset == 0 and fp.duration < WINDOW_SECONDS else MIN_SCAN_INLIERS
+    alignments = match_fingerprint(matcher.lookup, fp, min_inliers=least, min_score=need)
     out = []
     for a in alignments:
-        if a.inliers < MIN_INLIER_RATE * max(1.0, a.query_end - a.query_start):
-            continue
         known = files.get(matcher, a.fp_id)
         if known is None:  # its file left the index since the lookup was saved
             continue
@@ -270,7 +271,7 @@ def merge(found: list[Occurrence]) -> list[Occurrence]:
     return sorted((o for o in out if not explained(o, out)), key=lambda o: (o.start, o.path))
 
 
-WEAK_INLIERS = 3 * MIN_INLIERS  # an occurrence with fewer aligned triplets than this is weak ...
+WEAK_INLIERS = 2 * MIN_SCAN_INLIERS  # an occurrence with fewer aligned triplets than this is weak ...
 STRONGER = 5  # ... and explained away by one of another file with this many times its inliers over it
 
 
