@@ -20,7 +20,7 @@ import numpy as np
 from .collection import Collection
 from .index import IndexCorrupt, VectorIndex
 from .match import lookup as print_lookup
-from .match.lookup import LookupCorrupt
+from .match.lookup import LookupCorrupt, LookupOutdated
 from .ingest import same_content
 from .store import DB_NAME, Store
 
@@ -186,6 +186,8 @@ def _print_findings(collection: Collection) -> list[Finding]:
     hint = "the next query or ingest rebuilds it from SQLite; --repair does it now"
     try:
         lookup = print_lookup.load(collection.dir, verify=True)
+    except LookupOutdated as e:
+        return found + [Finding("prints-file", f"the print lookup is outdated: {e} ({hint})")]
     except LookupCorrupt as e:
         return found + [Finding("prints-file", f"the print lookup is damaged: {e} ({hint})")]
     if lookup is None:

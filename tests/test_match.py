@@ -137,6 +137,8 @@ def test_lookup_sync_adds_masks_and_merges(tmp_path):
 
 def test_a_dense_run_finds_what_a_sorted_one_finds(tmp_path, monkeypatch):
     source = Prints({i: syn.melody(6, seed=i) for i in range(1, 5)})
+    monkeypatch.setattr(L, "KEY_BITS", 16)  # a small bucket table (the real one is 512 MiB): same layout
+    monkeypatch.setattr(L, "keys", lambda tr, short: keys(tr, short) & 0xFFFF)
     sparse = L.PrintLookup()
     sparse.sync(source)
     monkeypatch.setattr(L, "DENSE_ENTRIES", 1)
@@ -146,9 +148,23 @@ def test_a_dense_run_finds_what_a_sorted_one_finds(tmp_path, monkeypatch):
     L.save(dense, tmp_path)
     dense = L.load(tmp_path, verify=True)
     probes, _ = query_keys(triplets(fingerprint(syn.melody(6, seed=2), density=2)), False)
+    probes &= 0xFFFF
     (p1, e1), (p2, e2) = sparse.lookup(probes), dense.lookup(probes)
     assert len(e1) > 100 and np.array_equal(p1, p2) and np.array_equal(e1, e2)
     assert np.array_equal(L.merge_runs(dense.runs, set()).all_keys(), sparse.runs[0].keys)
+
+
+def test_a_streamed_synthetic_index_is_a_valid_dense_run(tmp_path, monkeypatch):
+    """The benchmark's 10,000 h index is written bucket range by bucket range: it must load, verify and look up."""
+    monkeypatch.setattr(L, "DENSE_ENTRIES", 1)
+    monkeypatch.setattr(L, "KEY_BITS", 16)  # a small bucket table: the layout is the same
+    lookup = L.synthetic_index(0.5, tmp_path, triplets_per_second=40)
+    run = lookup.runs[0]
+    assert run.offsets is not None and len(run) == int(run.offsets[-1]) > 50_000
+    assert L.load(tmp_path, verify=True).entries == len(run)
+    probe = np.array([7, 1 << 10, (1 << 16) - 1], dtype=np.uint32)
+    found, _ = lookup.lookup(probe)
+    assert np.array_equal(np.bincount(found, minlength=3), np.diff(run.offsets.astype(np.int64))[probe])
 
 
 def test_lookup_saves_atomically_and_loads_back(tmp_path):
@@ -314,3 +330,17 @@ def test_doctor_repairs_a_damaged_lookup(match_library, tiny_model, tmp_path):
     assert "print lookup is damaged" in out
     assert "rebuilt the print lookup" in run("doctor", "--index", index, "--repair")
     run("doctor", "--index", index)
+
+
+def test_a_lookup_of_older_keys_is_rebuilt_not_trusted(match_library, tiny_model, tmp_path):
+    """An index saved by an earlier release holds keys this one does not make: queries and doctor must notice."""
+    index = tmp_path / "idx"
+    run("ingest", match_library, "--index", index, "--model", tiny_model)
+    manifest = index / L.MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "keys": 1}))
+    assert "print lookup is outdated" in run("doctor", "--index", index, code=1)
+    clip = tmp_path / "clip.wav"
+    write(clip, syn.melody(30, seed=1, rate=44100)[44100 * 5: 44100 * 15], 44100)
+    hits = query(index, tiny_model, clip)
+    assert hits[0]["path"].endswith("melody_a.wav") and hits[0]["match"]["kind"] == "duplicate"
+    run("doctor", "--index", index)  # the query saved the rebuilt lookup

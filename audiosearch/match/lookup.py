@@ -30,13 +30,13 @@ from typing import Protocol
 import numpy as np
 import xxhash
 
-from .fingerprint import KEY_BITS, VERSION, Fingerprint, keys, triplets
+from .fingerprint import KEY_BITS, KEYS_VERSION, VERSION, Fingerprint, keys, triplets
 
 MANIFEST = "prints.json"
 RUN_GLOB = "prints-*.run"
 MAGIC = b"ASPRINT2"
 _HEADER = struct.Struct("<8sQQQQ")  # magic, ids, entries, offsets, checksum of the body (xxh64)
-DENSE_ENTRIES = 1 << 22  # a run this big keeps a bucket table instead of its keys (see Run)
+DENSE_ENTRIES = 1 << 27  # a run this big keeps a bucket table instead of its keys (see Run): the table (512 MiB) is then smaller
 MAX_RUNS = 8  # more and a sync merges them: each lookup binary-searches every run
 MAX_MASKED = 0.25  # merge when this share of the covered fingerprints is gone
 MAX_BUCKET = 4096  # a key held by more entries than this says nothing (silence, hum): it is not probed
@@ -56,14 +56,18 @@ class LookupCorrupt(Exception):
     """A run or the manifest cannot be read; the lookup index is derived, so rebuild it from SQLite."""
 
 
+class LookupOutdated(LookupCorrupt):
+    """The lookup files were made by another fingerprint or key version: rebuild them from SQLite."""
+
+
 @dataclass
 class Run:
     """One immutable sorted run: the fingerprint ids it covers, its keys and their entries.
 
     A small run is binary-searched. A big one (DENSE_ENTRIES or more) keeps, instead of its
-    keys, where each key's entries start (2**KEY_BITS + 1 offsets, 128 MiB): a probe is then
+    keys, where each key's entries start (2**KEY_BITS + 1 offsets, 512 MiB): a probe is then
     two reads wherever its key lies, instead of ~30 cache misses through a sorted array
-    (1 billion entries at 10,000 hours), and the run drops its 4-byte keys.
+    (2 billion entries at 10,000 hours), and the run drops its 4-byte keys.
     """
 
     ids: np.ndarray  # int64, ascending
@@ -84,7 +88,12 @@ class Run:
         """Where each probe key's entries start and end."""
         if self.offsets is not None:
             return self.offsets[probe_keys].astype(np.int64), self.offsets[probe_keys.astype(np.int64) + 1].astype(np.int64)
-        return np.searchsorted(self.keys, probe_keys, side="left"), np.searchsorted(self.keys, probe_keys, side="right")
+        # sorted needles: each binary search starts where the last ended (3x faster on 25k probes)
+        order = np.argsort(probe_keys, kind="stable")
+        lo, hi = np.empty(len(order), np.int64), np.empty(len(order), np.int64)
+        lo[order] = np.searchsorted(self.keys, probe_keys[order], side="left")
+        hi[order] = np.searchsorted(self.keys, probe_keys[order], side="right")
+        return lo, hi
 
     def all_keys(self) -> np.ndarray:
         """Every entry's key (rebuilt from the offsets of a dense run)."""
@@ -231,7 +240,7 @@ def save(lookup: PrintLookup, directory: Path) -> None:
         if run.name is None:
             run.name = f"prints-{uuid.uuid4().hex}.run"
             _write_atomic(directory / run.name, _run_bytes(run))
-    manifest = {"version": VERSION, "generation": lookup.generation, "runs": [r.name for r in lookup.runs],
+    manifest = {"version": VERSION, "keys": KEYS_VERSION, "generation": lookup.generation, "runs": [r.name for r in lookup.runs],
                 "masked": sorted(lookup.masked)}
     _write_atomic(directory / MANIFEST, json.dumps(manifest).encode())
     named = {r.name for r in lookup.runs}
@@ -255,8 +264,10 @@ def load(directory: Path, *, verify: bool = False) -> PrintLookup | None:
     try:
         manifest = json.loads(path.read_bytes())
         names, masked, generation = manifest["runs"], manifest["masked"], int(manifest["generation"])
-        if manifest.get("version") != VERSION:
-            raise LookupCorrupt(f"{path} is from fingerprint version {manifest.get('version')}")
+        if (manifest.get("version"), manifest.get("keys")) != (VERSION, KEYS_VERSION):
+            raise LookupOutdated(f"{path} holds keys of another audiosearch version (fingerprint "
+                                 f"{manifest.get('version')}, keys {manifest.get('keys')}; this one makes "
+                                 f"{VERSION}, {KEYS_VERSION})")
     except (ValueError, KeyError, TypeError) as e:
         raise LookupCorrupt(f"{path} is unreadable ({e})") from e
     runs = [_read_run(directory / name, verify) for name in names]
@@ -328,19 +339,22 @@ def synthetic_index(hours: float, directory: str | Path | None = None, *, seed: 
 
     Keys follow the measured density of real fingerprints (`triplets_per_second`)
     but are uniform, so buckets are as full as real ones on average, not in the tail.
-    Saved under `directory` (and memory-mapped back) when one is given.
+    Saved under `directory` (and memory-mapped back) when one is given; a big one is written
+    there bucket range by bucket range, so 10,000 hours (13 GB) need disk, not memory.
     """
     rate = triplets_per_second or SYNTHETIC_TRIPLETS_PER_SECOND
     n = int(hours * 3600 * rate)
     rng = np.random.default_rng(seed)
     files = max(1, int(hours * 3600 / 30))  # 30 s files
+    ids = np.arange(1, files + 1, dtype=np.int64)
+    if directory is not None and n >= DENSE_ENTRIES:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        run = _write_synthetic_run(directory, ids, n, rng)
+        save(PrintLookup([run], set(), 0), directory)  # the run is named already: writes the manifest only
+        return load(directory)
     k = np.sort(rng.integers(0, 1 << KEY_BITS, n, dtype=np.uint32))
-    e = np.zeros(n, dtype=ENTRY)
-    e["fp"] = rng.integers(1, files + 1, n)
-    e["ms"] = rng.integers(0, 30_000, n)
-    e["band"] = rng.integers(0, 90 * 64, n)
-    e["span"] = rng.integers(60, 1200, n)
-    lookup = PrintLookup([_sorted_run(np.arange(1, files + 1, dtype=np.int64), [k], [e])], set(), 0)
+    lookup = PrintLookup([_sorted_run(ids, [k], [_random_entries(rng, n, files)])], set(), 0)
     if directory is not None:
         Path(directory).mkdir(parents=True, exist_ok=True)
         save(lookup, Path(directory))
@@ -348,4 +362,41 @@ def synthetic_index(hours: float, directory: str | Path | None = None, *, seed: 
     return lookup
 
 
-SYNTHETIC_TRIPLETS_PER_SECOND = 30.0  # what the library fingerprints of music and speech hold, about
+def _random_entries(rng: np.random.Generator, n: int, files: int) -> np.ndarray:
+    e = np.zeros(n, dtype=ENTRY)
+    e["fp"] = rng.integers(1, files + 1, n, dtype=np.uint32)
+    e["ms"] = rng.integers(0, 30_000, n, dtype=np.uint32)
+    e["band"] = rng.integers(0, 90 * 64, n, dtype=np.uint16)
+    e["span"] = rng.integers(60, 1200, n, dtype=np.uint16)
+    return e
+
+
+def _write_synthetic_run(directory: Path, ids: np.ndarray, n: int, rng: np.random.Generator,
+                         chunk: int = 1 << 24) -> Run:
+    """A dense run of about `n` uniform random entries, streamed to disk in key order."""
+    buckets = 1 << KEY_BITS
+    offsets = np.zeros(buckets + 1, dtype=np.uint64)
+    np.cumsum(rng.poisson(n / buckets, buckets), out=offsets[1:])
+    total = int(offsets[-1])
+    digest = xxhash.xxh64()
+    name = f"prints-{uuid.uuid4().hex}.run"
+    tmp = directory / f".{name}.synthetic.tmp"
+    with open(tmp, "wb") as f:
+        f.write(b"\0" * _HEADER.size)
+        for part in (ids.astype("<i8").tobytes(),):
+            digest.update(part)
+            f.write(part)
+        for lo in range(0, total, chunk):
+            part = _random_entries(rng, min(chunk, total - lo), len(ids)).tobytes()
+            digest.update(part)
+            f.write(part)
+        part = offsets.astype("<u8").tobytes()
+        digest.update(part)
+        f.write(part)
+        f.seek(0)
+        f.write(_HEADER.pack(MAGIC, len(ids), total, len(offsets), digest.intdigest()))
+    os.replace(tmp, directory / name)
+    return _read_run(directory / name, verify=False)
+
+
+SYNTHETIC_TRIPLETS_PER_SECOND = 56.0  # what the library fingerprints of music and speech hold, about (benchmark set)

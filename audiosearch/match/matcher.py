@@ -10,7 +10,7 @@ import numpy as np
 from ..audio import SAMPLE_RATE, decode, to_model_audio
 from ..collection import Collection
 from ..errors import AudioDecodeError
-from .fingerprint import QUERY_DENSITY, QUERY_FAR, QUERY_NEAR, Fingerprint, fingerprint, query_keys, triplets
+from .fingerprint import QUERY_DENSITY, QUERY_FAR, QUERY_NEAR, QUERY_WIDEN, Fingerprint, fingerprint, query_keys, triplets
 from .lookup import PrintLookup
 from .verify import MIN_INLIERS, MIN_SCORE, Alignment, align
 
@@ -120,7 +120,7 @@ class Matcher:
 def match_fingerprint(lookup: PrintLookup, fp: Fingerprint, *, min_inliers: int = MIN_INLIERS,
                       min_score: float = MIN_SCORE) -> list[Alignment]:
     """Verified alignments of a (query-density) fingerprint in a lookup index, best first."""
-    tr = triplets(fp, QUERY_NEAR, QUERY_FAR)
+    tr = triplets(fp, QUERY_NEAR, QUERY_FAR, QUERY_WIDEN)
     if len(tr) == 0:
         return []
     probe_keys, rows = query_keys(tr, fp.short)

@@ -32,9 +32,10 @@ MAX_PITCH_STEP = 4.0  # semitones either way
 SPEED_STEP = 0.005
 SPAN_TOLERANCE = 0.12  # a collision's own span ratio may differ this much from the line's speed
 OFFSET_BIN = 0.064  # seconds
-INLIER_SECONDS = 0.04  # distance from the fitted line (a frame is 32 ms)
-PITCH_TOLERANCE = 1.0  # bands from the median frequency shift
-CANDIDATES = 24  # files verified per query, by raw collisions
+INLIER_SECONDS = 0.02  # distance from the fitted line (a frame is 32 ms: a copy's peaks lie within half of one)
+PITCH_TOLERANCE = 0.35  # bands from the median frequency shift (peak bands are interpolated)
+CANDIDATES = 32  # files verified per query, by collisions that agree on a lag (see _consistent_counts)
+CANDIDATE_BIN = 1.0  # seconds of lag per bin of that count
 SHORT_FIT = 0.5  # seconds: inliers spread over less than this give no reliable slope
 
 MIN_INLIERS = 10
@@ -75,19 +76,42 @@ def align(query: Triplets, query_bins: np.ndarray, probe_rows: np.ndarray, entri
     pitch_bands = q_b - r_b
     ok = (ratio > MIN_SPEED * (1 - SPAN_TOLERANCE)) & (ratio < MAX_SPEED * (1 + SPAN_TOLERANCE))
     ok &= np.abs(pitch_bands) <= MAX_PITCH_STEP * BANDS_PER_OCTAVE / 12
-    fp = entries["fp"].astype(np.int64)
-    fps, counts = np.unique(fp[ok], return_counts=True)
-    best = fps[np.argsort(-counts, kind="stable")][:CANDIDATES]
-    best = best[counts[np.argsort(-counts, kind="stable")][:CANDIDATES] >= min_inliers]
+    # every collision of one file together, in their original order, for the per-file verification
+    rows = np.nonzero(ok)[0]
+    fp = entries["fp"][rows].astype(np.int64)
+    rows = rows[np.argsort(fp, kind="stable")]
+    fp = entries["fp"][rows].astype(np.int64)
+    q_t, r_t, ratio, pitch_bands, q_span = q_t[rows], r_t[rows], ratio[rows], pitch_bands[rows], q_span[rows]
+    fps, counts = _consistent_counts(fp, r_t - q_t)
+    order = np.argsort(-counts, kind="stable")[:CANDIDATES]
+    best = fps[order][counts[order] >= min_inliers]
     out = []
     for fp_id in best:
-        sel = ok & (fp == fp_id)
+        lo, hi = np.searchsorted(fp, [fp_id, fp_id + 1])
+        sel = slice(lo, hi)
         a = _verify(int(fp_id), q_t[sel], r_t[sel], ratio[sel], pitch_bands[sel], q_span[sel], query_bins,
                     bin_seconds)
         if a is not None and a.inliers >= min_inliers and a.score >= min_score:
             out.append(a)
     out.sort(key=lambda a: (-a.score, -a.inliers, a.fp_id))
     return out
+
+
+def _consistent_counts(fp: np.ndarray, lag: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per file, the most collisions that agree on the library-minus-query lag to within two CANDIDATE_BINs.
+
+    Which files to verify: a true copy's collisions pile up at one lag (drifting by at most
+    (speed - 1) x the clip's length), chance ones spread over the whole file. Ranked by raw
+    counts, a noisy or mixed query lost its source behind long files of the same kind.
+    """
+    if len(fp) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lag_bin = np.floor(lag / CANDIDATE_BIN).astype(np.int64)
+    cells, counts = np.unique((fp << 32) + (lag_bin + (1 << 31)), return_counts=True)
+    nxt = np.minimum(np.searchsorted(cells, cells + 1), len(cells) - 1)
+    pair = counts + np.where(cells[nxt] == cells + 1, counts[nxt], 0)
+    files, starts = np.unique(cells >> 32, return_index=True)
+    return files, np.maximum.reduceat(pair, starts)
 
 
 _SPEEDS = np.arange(MIN_SPEED, MAX_SPEED + SPEED_STEP / 2, SPEED_STEP)
