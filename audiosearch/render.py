@@ -381,11 +381,14 @@ SCAN_COLUMNS = ["start", "end", "path", "file start", "file end", "speed", "pitc
 
 
 def scan_row(o, *, piped: bool) -> list[str]:
-    """One occurrence: times as m:ss.ss on a terminal, plain seconds when piped; pitch in semitones."""
-    when = (lambda t: f"{t:.2f}") if piped else clock
-    semitones = 12 * math.log2(o.pitch) if o.pitch > 0 else 0.0
-    return [when(o.start), when(o.end), shown_path(o.path) if not piped else o.path, when(o.file_start),
-            when(o.file_end), f"{o.speed:.3f}", f"{semitones:+.1f} st", f"{o.score:.2f}"]
+    """One occurrence: on a terminal times as m:ss.ss and pitch in semitones; piped, plain seconds and
+    factors (speed: library seconds per recording second; pitch: recording / library frequency)."""
+    if piped:
+        return [f"{o.start:.2f}", f"{o.end:.2f}", o.path, f"{o.file_start:.2f}", f"{o.file_end:.2f}",
+                f"{o.speed:.4f}", f"{o.pitch:.4f}", f"{o.score:.2f}"]
+    semitones = round(12 * math.log2(o.pitch), 1) + 0.0 if o.pitch > 0 else 0.0  # + 0.0: no "-0.0"
+    return [clock(o.start), clock(o.end), shown_path(o.path), clock(o.file_start), clock(o.file_end),
+            f"×{o.speed:.3f}", f"{semitones:+.1f} st", f"{o.score:.2f}"]
 
 
 def print_scan(console: Console, result) -> None:

@@ -198,7 +198,7 @@ def evaluate(found: list[dict], truth: list[dict]) -> dict:
     correct = sum(1 for i, o in enumerate(found) if i in used or any(
         o["path"] == t["path"] and min(o["end"], t["end"]) > max(o["start"], t["start"]) for t in truth))
     return {
-        "recall": hits / len(truth), "precision": correct / len(found) if found else 1.0, "found": len(found),
+        "recall": hits / len(truth), "precision": correct / len(found) if found else None, "found": len(found),
         "false": len(found) - correct, "time_error_median": float(np.median(errors)) if errors else None,
         "time_error_p90": float(np.percentile(errors, 90)) if errors else None,
         "within_0.1s": float(np.mean(np.array(errors) <= 0.1)) if errors else None,

@@ -136,6 +136,8 @@ def scan_blocks(matcher: Matcher, blocks: Iterable[np.ndarray], result: ScanResu
     timings = {"decode": 0.0, "fingerprint": 0.0, "match": 0.0}
     found: list[Occurrence] = []
     files = _Files()
+    latest: dict[int, Occurrence] = {}  # each file's last match, to count passages as they are found
+    passages = 0
     clock = time.perf_counter()
     for offset, window in windows(blocks):
         now = time.perf_counter()
@@ -143,13 +145,17 @@ def scan_blocks(matcher: Matcher, blocks: Iterable[np.ndarray], result: ScanResu
         fp = fingerprint(window, SAMPLE_RATE, density=QUERY_DENSITY)
         clock = time.perf_counter()
         timings["fingerprint"] += clock - now
-        found.extend(_window_matches(matcher, fp, offset, files))
+        for o in _window_matches(matcher, fp, offset, files):
+            last = latest.get(o.file_id)
+            passages += last is None or not _continues(last, o)
+            latest[o.file_id] = o
+            found.append(o)
         now = time.perf_counter()
         timings["match"] += now - clock
         result.windows += 1
         result.duration = offset + len(window) / SAMPLE_RATE
         if progress:
-            progress.update(result.duration, len(found))
+            progress.update(result.duration, passages)
         clock = time.perf_counter()
     timings["decode"] += time.perf_counter() - clock
     result.timings = timings
