@@ -216,15 +216,16 @@ def query(
         audiosearch query door_slam.wav -k 5 --label "Door"
     """
     from .query import query_clips
-    from .render import print_explain, print_hits
+    from .render import QueryBar, print_explain, print_hits
 
     if duplicates_only and similar_only:
         raise AudiosearchError("--duplicates-only and --similar-only exclude each other; give one of them")
     kinds = "duplicates" if duplicates_only else "similar" if similar_only else "all"
-    with _stdin_clips(clips) as paths:
+    with _stdin_clips(clips) as paths, QueryBar(err, enabled=err.is_terminal) as bar:
         results = query_clips(
             paths, index_dir=index, k=k, labels=label, filter=not no_filter, per_file=not segments,
             model=model, device=device, precision=precision, kinds=kinds, min_match_seconds=min_match,
+            progress=bar,
         )
         for n, result in enumerate(results):
             if as_json:

@@ -188,10 +188,11 @@ class Embedder:
             raise AudioDecodeError("the signal holds no samples to embed")
         return self.embed_audio(audio)
 
-    def embed_audio(self, audio: Audio) -> list[SegmentEmbedding]:
+    def embed_audio(self, audio: Audio, on_segments: SegmentsDone | None = None) -> list[SegmentEmbedding]:
+        """Embed decoded audio; `on_segments` follows its segments as they are embedded (see `run`)."""
         job = _Job(Decoded(None, "<memory>", audio), segment(audio.samples, self.hop_seconds))
         self._in_flight = None  # whatever an abandoned run left behind
-        self._on_segments = self._known = None
+        self._on_segments, self._known = on_segments, None
         for _ in self._run_batches([(job, i, s) for i, s in enumerate(job.pieces)]):
             pass
         for _ in self._collect():

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -110,6 +110,7 @@ def query_clips(
     precision: str = "auto",
     kinds: str = "all",
     min_match_seconds: float = 0.0,
+    progress: QueryProgress | None = None,
 ) -> Iterator[QueryResult]:
     """One QueryResult per clip, in order, with one model load for them all.
 
@@ -118,6 +119,8 @@ def query_clips(
     what the model predicts, and a verified duplicate is the same recording whatever its label.
     `kinds` is "all", "duplicates" (only verified duplicates) or "similar" (only the embedding
     search); `min_match_seconds` drops duplicates matching less of the clip than that.
+    `progress.update(clip, done, total)` follows each clip's segments through the model (a
+    2-hour clip is 700 of them).
 
     Everything that can be checked without the model is checked first (the
     clips exist and are files, the index exists and holds segments, `labels`
@@ -145,13 +148,17 @@ def query_clips(
         matcher = Matcher(collection, collection.load_prints()) if kinds != "similar" else None
         for clip in clips:
             yield _query_one(collection, index, net, matcher, clip, names, filter=filter, k=k, per_file=per_file,
-                             kinds=kinds, min_match_seconds=min_match_seconds, watch=watch)
+                             kinds=kinds, min_match_seconds=min_match_seconds, watch=watch, progress=progress)
             watch = _Stopwatch()
     finally:
         collection.close()
 
 
 KINDS = ("all", "duplicates", "similar")
+
+
+class QueryProgress(Protocol):
+    def update(self, clip: str, done: int, total: int) -> None: ...
 
 
 def check_clip(clip: str | Path) -> None:
@@ -178,7 +185,7 @@ def _validate_index(collection: Collection, labels: list[str] | None) -> list[st
 
 def _query_one(collection: Collection, index, net: "Model", matcher: Matcher | None, clip: str | Path,
                names: list[str], *, filter: bool, k: int, per_file: bool, kinds: str, min_match_seconds: float,
-               watch: "_Stopwatch") -> QueryResult:
+               watch: "_Stopwatch", progress: QueryProgress | None = None) -> QueryResult:
     from .embedder import Embedder  # torch, like Model
 
     audio = _decode_clip(clip)
@@ -186,7 +193,8 @@ def _query_one(collection: Collection, index, net: "Model", matcher: Matcher | N
     if matcher is not None:
         duplicates = matcher.match_samples(audio.samples, min_seconds=min_match_seconds, limit=k)
         watch.lap("match fingerprints")
-    segments = Embedder(net, workers=0, batch_size=8).embed_audio(audio)
+    follow = None if progress is None else (lambda _, new, done, total: progress.update(str(clip), done, total))
+    segments = Embedder(net, workers=0, batch_size=8).embed_audio(audio, on_segments=follow)
     watch.lap("embed")
     scores = np.max([s.scores for s in segments], axis=0)
     source = ("--label" if names else "top label") if filter else None

@@ -410,3 +410,34 @@ def print_scan_csv(result) -> None:
     for o in result.occurrences:
         writer.writerow([f"{o.start:.3f}", f"{o.end:.3f}", o.path, f"{o.file_start:.3f}", f"{o.file_end:.3f}",
                          f"{o.speed:.4f}", f"{o.pitch:.4f}", f"{o.score:.3f}", o.inliers])
+
+
+class QueryBar:
+    """A long clip's segments through the model, on stderr, gone once the clip is embedded."""
+
+    MIN_SEGMENTS = 8  # shorter clips take a second or two: no bar
+
+    def __init__(self, console: Console, *, enabled: bool = True):
+        self.progress = Progress(
+            TextColumn("[bold]query"), BarColumn(bar_width=16), MofNCompleteColumn(), TextColumn("segments"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, disable=not enabled, transient=True,
+        )
+        self.task = None
+
+    def __enter__(self) -> "QueryBar":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def update(self, clip: str, done: int, total: int) -> None:
+        if total < self.MIN_SEGMENTS:
+            return
+        if self.task is None:
+            self.task = self.progress.add_task("query", total=total)
+        self.progress.update(self.task, completed=done, total=total)
+        if done >= total:
+            self.progress.remove_task(self.task)
+            self.task = None

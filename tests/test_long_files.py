@@ -105,3 +105,22 @@ def test_the_bar_moves_within_a_long_file(long_library, tiny_model, tmp_path, mo
         assert bar.progress.tasks[0].completed == 2 and bar.segments == 13
     fractions = [c for c, _ in seen if 0 < c % 1]
     assert len(fractions) >= 4 and fractions == sorted(fractions)  # moved in steps before the file was done
+
+
+def test_a_long_query_clip_reports_its_segments(tiny_model, long_library, tmp_path):
+    """`query` follows a long clip's segments through the model (the CLI shows them as a bar on stderr)."""
+    from audiosearch.query import query_clips
+
+    index = tmp_path / "index"
+    run(long_library, index, tiny_model, Recorder())
+    seen = []
+
+    class Follow:
+        def update(self, clip, done, total):
+            seen.append((clip, done, total))
+
+    (result,) = query_clips([long_library / "long.wav"], index_dir=index, model=str(tiny_model), device="cpu",
+                            progress=Follow())
+    assert result.query_segments == 12
+    assert [d for _, d, _ in seen] == sorted(d for _, d, _ in seen) and seen[-1][1:] == (12, 12)
+    assert len(seen) >= 2 and {c for c, _, _ in seen} == {str(long_library / "long.wav")}
