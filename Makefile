@@ -1,16 +1,17 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup system-deps test demo bench bench-search bench-match bench-kill bench-scan clean
+.PHONY: setup system-deps test demo bench bench-search bench-match bench-kill bench-scan bench-serve clean
 
 setup: system-deps $(VENV)/.installed
 
-# sox makes the real edits (speed, tempo, pitch, reverb) that the matching tests query with.
+# sox makes the real edits (speed, tempo, pitch, reverb) that the matching tests query with;
+# Debian's chromium is the browser the serve page's tests drive (through Playwright, never its own download).
 system-deps:
-	@command -v sox >/dev/null 2>&1 || { \
+	@command -v sox >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && apt-get install -y -qq sox libsox-fmt-all >/dev/null; \
-	  else echo "note: install sox (e.g. 'apt install sox libsox-fmt-all') to run the matching tests"; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sox libsox-fmt-all chromium >/dev/null; \
+	  else echo "note: install sox and chromium (e.g. 'apt install sox libsox-fmt-all chromium') to run the matching and browser tests"; fi; }
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -45,6 +46,9 @@ bench-kill: setup
 # Scan benchmark: a generated 2-hour recording with 50 planted, edited library excerpts (needs sox, espeak-ng).
 bench-scan: setup
 	$(PY) -m benchmarks.scan
+# Serving benchmark: requests/s and p50/p99 latency of POST /api/query at 1 and 20 clients, small and full-size AST.
+bench-serve: setup
+	$(PY) -m benchmarks.serve
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo

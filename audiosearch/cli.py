@@ -269,6 +269,38 @@ def scan(
         print_scan_csv(result)
     else:
         print_scan(out, result)
+def serve(
+    index: IndexOpt = DEFAULT_INDEX,
+    host: Annotated[str, typer.Option("--host", metavar="ADDR", help="Address to listen on; any but this "
+                                      "machine's (127.0.0.1, ::1) needs --token or --insecure.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, metavar="PORT",
+                                      help="Port to listen on (0: any free one).")] = 8000,
+    token: Annotated[Optional[str], typer.Option("--token", envvar="AUDIOSEARCH_TOKEN", metavar="SECRET",
+                                                 help="Every request must carry it (the printed URL does).")] = None,
+    insecure: Annotated[bool, typer.Option("--insecure", help="Listen beyond this machine with no token.")] = False,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, metavar="MIB",
+                                                 help="Largest clip upload accepted.")] = 64.0,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+) -> None:
+    """Search and listen in a browser: load the index and model once, serve a page and a JSON API.
+
+    Prints the URL to open. API: POST /api/query, GET /api/files/{id}/audio,
+    /api/labels, /api/library, /api/info; OpenAPI at /docs.
+
+    \b
+    Example:
+        audiosearch serve --index indexes/sfx --port 8000
+    """
+    from .serve.server import serve as run_server
+    from .serve.service import Limits
+
+    def announce(line: str) -> None:
+        (err if line.startswith("WARNING") else out).print(line, highlight=False, markup=False, soft_wrap=True)
+
+    run_server(index, host=host, port=port, token=token, insecure=insecure, model=model, device=device,
+               precision=precision, limits=Limits(upload_bytes=int(max_upload_mb * (1 << 20))), announce=announce)
 
 
 @contextmanager

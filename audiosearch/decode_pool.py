@@ -40,7 +40,7 @@ import numpy as np
 import xxhash
 
 from .audio import Audio, decode, decode_into, why_unreadable
-from .errors import AudiosearchError
+from .errors import AudioDecodeError, AudiosearchError
 
 DECODE_TIMEOUT = 600.0  # seconds one file may take before its worker is killed
 PARENT_CHECK_SECONDS = 1.0  # how often an idle worker checks that its parent is alive
@@ -78,14 +78,22 @@ def content_hash(path: str | Path, like: str | None = None) -> str:
     Indexes written before XXH3 hold bare BLAKE2b-128 hex digests: pass one as
     `like` to hash the file the same way and compare.
     """
+    with open(path, "rb", buffering=0) as f:
+        return content_hash_fd(f.fileno(), like)
+
+
+def content_hash_fd(fd: int, like: str | None = None) -> str:
+    """`content_hash` of an open file, read from its start without moving its offset: the server
+    checks the very file it then sends."""
     legacy = like is not None and ":" not in like
     h = hashlib.blake2b(digest_size=16) if legacy else xxhash.xxh3_128()
-    with open(path, "rb", buffering=0) as f:
-        # no bigger than the file: zeroing a 4 MiB buffer cost 30x the hash of a 1 s clip
-        block = bytearray(min(_HASH_BLOCK, os.fstat(f.fileno()).st_size + 1))
-        view = memoryview(block)
-        while n := f.readinto(block):
-            h.update(view[:n])
+    # no bigger than the file: zeroing a 4 MiB buffer cost 30x the hash of a 1 s clip
+    block = bytearray(min(_HASH_BLOCK, os.fstat(fd).st_size + 1))
+    view = memoryview(block)
+    offset = 0
+    while n := os.preadv(fd, [block], offset):
+        h.update(view[:n])
+        offset += n
     return h.hexdigest() if legacy else f"xxh3:{h.hexdigest()}"
 
 
@@ -284,6 +292,36 @@ class DecodePool:
                     _put(out, result, stop)
 
 
+class Decoder:
+    """One decoder process kept warm for files that come one at a time (the server's uploads).
+
+    `decode(path, timeout=...)` returns the Audio or raises AudioDecodeError. A file that crashes
+    the decoder or takes longer than `timeout` costs only the worker, which is killed and
+    replaced: the calling process goes on. One call at a time; create and use it from one
+    long-lived thread (the worker's PR_SET_PDEATHSIG fires when the thread that started it ends).
+    """
+
+    def __init__(self) -> None:
+        self._slot: _Slot | None = None
+
+    def decode(self, path: str | Path, *, timeout: float = DECODE_TIMEOUT) -> Audio:
+        if self._slot is None:
+            self._slot = _Slot(mp.get_context("fork" if sys.platform == "linux" else "spawn"), False)
+        slot = self._slot
+        slot.timeout = timeout
+        slot.submit((None, str(path)))
+        while (result := slot.collect(bool(wait([slot.conn], timeout=min(0.5, timeout))))) is None:
+            pass
+        if result.audio is None:
+            raise AudioDecodeError(result.error or "not readable audio")
+        return result.audio
+
+    def close(self) -> None:
+        if self._slot is not None:
+            self._slot.close(kill=True)
+            self._slot = None
+
+
 class _Slot:
     """One worker process and the task it holds."""
 
@@ -291,6 +329,7 @@ class _Slot:
         self.ctx, self.with_hash, self.nice, self.with_prints = ctx, with_hash, nice, with_prints
         self.task: tuple[object, str] | None = None
         self.started = 0.0
+        self.timeout = DECODE_TIMEOUT
         self._spawn()
 
     def _spawn(self) -> None:
@@ -318,9 +357,9 @@ class _Slot:
                 return self._replace(f"decoder crashed ({_exit_reason(self.proc)})")
         if not self.proc.is_alive():
             return self._replace(f"decoder crashed ({_exit_reason(self.proc)})")
-        if time.monotonic() - self.started > DECODE_TIMEOUT:
+        if time.monotonic() - self.started > self.timeout:
             self.proc.kill()
-            return self._replace(f"decoding took longer than {DECODE_TIMEOUT:.0f} s")
+            return self._replace(f"decoding took longer than {self.timeout:g} s")
         return None
 
     def _replace(self, error: str) -> Decoded:

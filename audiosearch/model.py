@@ -261,22 +261,16 @@ def keep_freed_memory() -> None:
 
 
 def _load(name_or_path: str):
-    from transformers import ASTFeatureExtractor, ASTForAudioClassification
-    from transformers.utils import logging as hf_logging
+    """The network and its feature settings, from a local folder or a hub id (through the HF cache)."""
+    from .ast import ASTForAudioClassification, Extractor, checkpoint_folder
 
-    hf_logging.disable_progress_bar()
     check_model_available(name_or_path)
-
     local = Path(name_or_path).expanduser()
-    source = str(local) if local.exists() else name_or_path
     try:
-        net = ASTForAudioClassification.from_pretrained(
-            source, use_safetensors=True, attn_implementation="sdpa"
-        )
-        with warnings.catch_warnings():  # its numpy mel bank warns of an all-zero filter, harmless
-            warnings.simplefilter("ignore", UserWarning)
-            extractor = ASTFeatureExtractor.from_pretrained(source)
-    except (OSError, ValueError, EnvironmentError) as e:
+        folder = checkpoint_folder(name_or_path)
+        net = ASTForAudioClassification.from_pretrained(folder)
+        extractor = Extractor.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as e:
         hint = "" if local.exists() else " (not a local directory; offline, pass --model /path/to/a/saved/checkpoint)"
         if local.is_dir() and not list(local.glob("*.safetensors")):
             hint = (" (weights load from safetensors only: a pickled .bin checkpoint can run code when loaded; "

@@ -112,13 +112,8 @@ def query_clips(
     min_match_seconds: float = 0.0,
     progress: QueryProgress | None = None,
 ) -> Iterator[QueryResult]:
-    """One QueryResult per clip, in order, with one model load for them all.
+    """One QueryResult per clip, in order, with one model load for them all (see `Searcher.query`).
 
-    Each holds the k library items nearest to the clip: verified duplicates first, then similar
-    items filtered by label. The label filter applies to similar items only: an edit can change
-    what the model predicts, and a verified duplicate is the same recording whatever its label.
-    `kinds` is "all", "duplicates" (only verified duplicates) or "similar" (only the embedding
-    search); `min_match_seconds` drops duplicates matching less of the clip than that.
     `progress.update(clip, done, total)` follows each clip's segments through the model (a
     2-hour clip is 700 of them).
 
@@ -126,32 +121,116 @@ def query_clips(
     clips exist and are files, the index exists and holds segments, `labels`
     are names the index knows), so a mistake is reported before the model loads.
     """
+    check_options(kinds, labels, filter)
+    for clip in clips:
+        check_clip(clip)
+    with Searcher(index_dir, model=model, device=device, precision=precision,
+                  fingerprints=kinds != "similar") as searcher:
+        searcher.resolve_labels(labels)
+        searcher.load()
+        for n, clip in enumerate(clips):
+            result = searcher.query(clip, k=k, labels=labels, filter=filter, per_file=per_file, kinds=kinds,
+                                    min_match_seconds=min_match_seconds, progress=progress)
+            if n == 0:  # the first clip's --explain shows what opening the index cost
+                result.timings = {**searcher.load_timings, **result.timings}
+            yield result
+
+
+def check_options(kinds: str, labels: list[str] | None, filter: bool) -> None:
     if kinds not in KINDS:
         raise AudiosearchError(f"unknown kind of result {kinds!r}; use one of {', '.join(KINDS)}")
     if labels and not filter:
         raise AudiosearchError("--label and --no-filter contradict each other; pass one or the other")
-    for clip in clips:
-        check_clip(clip)
-    collection = Collection(index_dir)
-    try:
-        names = _validate_index(collection, labels)
+
+
+class Searcher:
+    """One index and its model, opened once, queried many times: `query_clips` and `audiosearch serve`.
+
+    Opening is cheap and checks the index (it exists and holds segments); `load()` then loads the
+    model, the FAISS index and the fingerprint lookup, once (the first `query` does it if needed).
+    Each query first looks at the store's generation: what an ingest committed since is searched
+    too, so a long-running server never answers from a stale index. One thread at a time: the
+    model and the SQLite connection are not shared across concurrent calls (the server runs every
+    search on one worker thread).
+
+    Example::
+
+        with Searcher("indexes/sfx") as s:
+            for clip in ("door.wav", "steps.wav"):
+                print(s.query(clip, k=5).hits[0].path)
+    """
+
+    def __init__(self, index_dir: str | Path, *, model: str | None = None, device: str = "auto",
+                 precision: str = "auto", fingerprints: bool = True):
+        self.collection = Collection(index_dir)
+        try:
+            self.labels = _validate_index(self.collection)
+        except BaseException:
+            self.collection.close()
+            raise
+        self.model_name = model or self.collection.model_name or DEFAULT_MODEL
+        self.device, self.precision, self.fingerprints = device, precision, fingerprints
+        self.net: Model | None = None
+        self.index = None
+        self.matcher: Matcher | None = None
+        self.load_timings: dict[str, float] = {}
+
+    def close(self) -> None:
+        self.collection.close()
+
+    def __enter__(self) -> Searcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def resolve_labels(self, labels: list[str] | None) -> list[str]:
+        """The names as the index spells them (case-insensitive), or UnknownLabel with suggestions."""
+        return [resolve_label(name, self.labels) for name in labels or []]
+
+    def load(self) -> None:
+        """Load the model, the FAISS index and the fingerprint lookup, unless loaded already."""
+        if self.net is not None:
+            return
         watch = _Stopwatch()
-        check_model_available(model or collection.model_name or DEFAULT_MODEL)
+        check_model_available(self.model_name)
         from .model import Model  # torch: imported once everything cheap has been checked
 
-        net = Model(model or collection.model_name or DEFAULT_MODEL, device=device, precision=precision,
-                    auto_int8=True)
-        collection.check_model(net)
+        net = Model(self.model_name, device=self.device, precision=self.precision, auto_int8=True)
+        self.collection.check_model(net)
         watch.lap("load model")
-        index, _ = collection.load_index()
+        self._load_derived()
         watch.lap("load index")
-        matcher = Matcher(collection, collection.load_prints()) if kinds != "similar" else None
-        for clip in clips:
-            yield _query_one(collection, index, net, matcher, clip, names, filter=filter, k=k, per_file=per_file,
-                             kinds=kinds, min_match_seconds=min_match_seconds, watch=watch, progress=progress)
-            watch = _Stopwatch()
-    finally:
-        collection.close()
+        self.net, self.load_timings = net, watch.laps
+
+    def _load_derived(self) -> None:
+        self.index, _ = self.collection.load_index()
+        if self.fingerprints:
+            self.matcher = Matcher(self.collection, self.collection.load_prints())
+
+    def query(self, clip: str | Path | Audio, *, k: int = 10, labels: list[str] | None = None, filter: bool = True,
+              per_file: bool = True, kinds: str = "all", min_match_seconds: float = 0.0,
+              name: str | None = None, progress: QueryProgress | None = None) -> QueryResult:
+        """The k library items nearest to `clip` (a path, or decoded `Audio` named `name`).
+
+        Verified duplicates come first, then similar items filtered by label. The label filter
+        applies to similar items only: an edit can change what the model predicts, and a verified
+        duplicate is the same recording whatever its label. `kinds` is "all", "duplicates" (only
+        verified duplicates) or "similar" (only the embedding search); `min_match_seconds` drops
+        duplicates matching less of the clip than that.
+        """
+        check_options(kinds, labels, filter)
+        names = self.resolve_labels(labels)
+        self.load()
+        if self.index.generation != self.collection.store.generation:  # an ingest committed since
+            self._load_derived()
+        audio = clip if isinstance(clip, Audio) else _decode_clip(clip)
+        if len(audio.samples) == 0:
+            raise AudioDecodeError(f"{name or clip} holds no audio samples")
+        matcher = self.matcher if kinds != "similar" else None
+        return _query_one(self.collection, self.index, self.net, matcher, audio, name or str(clip), names,
+                          filter=filter, k=k, per_file=per_file, kinds=kinds, min_match_seconds=min_match_seconds,
+                          watch=_Stopwatch(), progress=progress)
 
 
 KINDS = ("all", "duplicates", "similar")
@@ -174,26 +253,24 @@ def check_clip(clip: str | Path) -> None:
         raise AudioDecodeError(f"{path} is an empty file (0 bytes)")
 
 
-def _validate_index(collection: Collection, labels: list[str] | None) -> list[str]:
-    """The --label names as the index spells them; refuses an index with nothing to search."""
+def _validate_index(collection: Collection) -> list[str]:
+    """The label names the index knows, sorted; refuses an index with nothing to search."""
     if collection.store.count() == 0:
         raise EmptyIndex(f"index {collection.dir} holds no segments yet; run 'audiosearch ingest FOLDER "
                          f"--index {collection.dir}' first (or see 'audiosearch info --errors')")
-    known = sorted(collection.store.label_names().values())
-    return [resolve_label(name, known) for name in labels or []]
+    return sorted(collection.store.label_names().values())
 
 
-def _query_one(collection: Collection, index, net: "Model", matcher: Matcher | None, clip: str | Path,
+def _query_one(collection: Collection, index, net: "Model", matcher: Matcher | None, audio: Audio, clip: str,
                names: list[str], *, filter: bool, k: int, per_file: bool, kinds: str, min_match_seconds: float,
                watch: "_Stopwatch", progress: QueryProgress | None = None) -> QueryResult:
     from .embedder import Embedder  # torch, like Model
 
-    audio = _decode_clip(clip)
     duplicates: list[Match] = []
     if matcher is not None:
         duplicates = matcher.match_samples(audio.samples, min_seconds=min_match_seconds, limit=k)
         watch.lap("match fingerprints")
-    follow = None if progress is None else (lambda _, new, done, total: progress.update(str(clip), done, total))
+    follow = None if progress is None else (lambda _, new, done, total: progress.update(clip, done, total))
     segments = Embedder(net, workers=0, batch_size=8).embed_audio(audio, on_segments=follow)
     watch.lap("embed")
     scores = np.max([s.scores for s in segments], axis=0)
@@ -201,7 +278,7 @@ def _query_one(collection: Collection, index, net: "Model", matcher: Matcher | N
     names = names or ([net.id2label[int(np.argmax(scores))]] if filter else [])
     label_filter = collection.store.label_filter(_label_ids(net, names)) if names else None
     matching = label_filter.count() if label_filter else None
-    result = QueryResult([], _top(net, scores), names, matching, clip=str(clip), filter_source=source,
+    result = QueryResult([], _top(net, scores), names, matching, clip=clip, filter_source=source,
                          searched=matching if matching is not None else index.ntotal,
                          query_segments=len(segments))
     vectors = np.stack([s.embedding for s in segments])
@@ -221,8 +298,6 @@ def _decode_clip(clip: str | Path) -> Audio:
         audio = decode(path)
     except AudioDecodeError as e:
         raise AudioDecodeError(f"{path} is {e}") from e
-    if len(audio.samples) == 0:
-        raise AudioDecodeError(f"{path} holds no audio samples")
     return audio
 
 

@@ -244,6 +244,30 @@ class Store:
             sql, args = sql + " WHERE status = ?", (status,)
         return [FileRow(*row) for row in self.db.execute(sql + " ORDER BY path", args).fetchall()]
 
+    def file(self, file_id: int) -> FileRow | None:
+        row = self.db.execute("SELECT id, path, size, mtime, hash, status, error, attempts FROM files WHERE id = ?",
+                              (file_id,)).fetchone()
+        return FileRow(*row) if row else None
+
+    def find_files(self, text: str = "", *, label: str | None = None, limit: int = 50) -> list[tuple[int, str, float]]:
+        """(id, path, duration) of indexed files whose path holds `text` (any case) and, with `label`,
+        that have a segment carrying that label; by path, at most `limit`."""
+        like = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        sql = "SELECT id, path, COALESCE(duration, 0) FROM files WHERE status = 'ok' AND path LIKE ? ESCAPE '\\'"
+        args: tuple = (like,)
+        if label is not None:
+            sql += (" AND id IN (SELECT file_id FROM segments JOIN segment_labels ON segment_id = segments.id "
+                    "JOIN labels ON labels.id = label_id WHERE labels.name = ?)")
+            args += (label,)
+        return self.db.execute(sql + " ORDER BY path LIMIT ?", args + (limit,)).fetchall()
+
+    def label_file_counts(self) -> list[tuple[str, int, int]]:
+        """(label, files, segments) for each label some segment carries, most files first."""
+        return self.db.execute(
+            "SELECT name, COUNT(DISTINCT file_id), COUNT(*) FROM segment_labels JOIN labels ON labels.id = label_id "
+            "JOIN segments ON segments.id = segment_id GROUP BY label_id ORDER BY 2 DESC, name"
+        ).fetchall()
+
     def write_file(self, row: dict, segments: list[SegmentResult], prints: PrintRow | None = None) -> None:
         """Replace a file's segments and fingerprint and record its status (call inside a transaction)."""
         file_id = self._upsert_file(row)

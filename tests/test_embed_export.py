@@ -317,4 +317,6 @@ def test_clips_under_one_frame_are_zero_padded_and_longer_ones_fed_as_they_are(t
     wave = torch.zeros(1, len(longer))
     wave[0] = torch.from_numpy(longer)
     direct = model(wave, torch.tensor([len(longer)]))
-    assert np.array_equal(got.embedding, direct.embeddings[0].numpy())
+    # Not bit-equal on every CPU: oneDNN picks other kernels for other batch shapes (1e-8 apart on an
+    # AVX-512 EPYC). Padding the clip to a frame boundary would move it by far more than this.
+    np.testing.assert_allclose(got.embedding, direct.embeddings[0].numpy(), rtol=1e-5, atol=1e-6)
