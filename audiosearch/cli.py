@@ -269,6 +269,10 @@ def scan(
         print_scan_csv(result)
     else:
         print_scan(out, result)
+
+
+@app.command()
+@friendly
 def serve(
     index: IndexOpt = DEFAULT_INDEX,
     host: Annotated[str, typer.Option("--host", metavar="ADDR", help="Address to listen on; any but this "
