@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup system-deps test demo bench bench-search bench-match bench-kill bench-serve bench-dupes clean
+.PHONY: setup system-deps test demo bench bench-search bench-match bench-kill bench-dupes bench-scan bench-serve clean
 
 setup: system-deps $(VENV)/.installed
 
@@ -47,6 +47,10 @@ bench-kill: setup
 HOURS ?= 10
 bench-dupes: setup
 	$(PY) -m benchmarks.dupes --hours $(HOURS)
+
+# Scan benchmark: a generated 2-hour recording with 50 planted, edited library excerpts (needs sox, espeak-ng).
+bench-scan: setup
+	$(PY) -m benchmarks.scan
 
 # Serving benchmark: requests/s and p50/p99 latency of POST /api/query at 1 and 20 clients, small and full-size AST.
 bench-serve: setup

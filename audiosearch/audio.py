@@ -3,13 +3,17 @@
 Everything the model sees passes through here: any file libsndfile reads
 (WAV, FLAC, OGG/Vorbis, Opus, MP3, AIFF, ...) becomes mono float32 at the
 model's rate, resampled with soxr's band-limited filter, then cut into
-segments of `SEGMENT_SECONDS`.
+segments of `SEGMENT_SECONDS`. Files are decoded as streams (`open_stream`):
+one block of the source in memory at a time, however long the file. MP3 goes
+through FFmpeg (PyAV) for that: libsndfile's MP3 decoder glitches at the edges
+of partial reads, and reading it whole took 2.7 GB for an hour of stereo.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +21,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from .containers import FFMPEG_EXTENSIONS, decode_with_ffmpeg, needs_ffmpeg
+from .containers import FFMPEG_EXTENSIONS, ffmpeg_available, needs_ffmpeg, open_with_ffmpeg
 from .errors import AudioDecodeError
 
 SAMPLE_RATE = 16_000  # Hz, what AST was trained on
@@ -91,62 +95,120 @@ def decode_into(path: str | Path, write: Callable[[np.ndarray], object]) -> tupl
     """Decode `path` block by block, handing each block of model audio to `write`.
 
     Returns the file's own sample rate and channel count. Only one block of
-    the source is in memory at a time (MP3 aside), and it stays in the CPU's
-    cache through reading, mixing down and resampling: ~1.5x faster than
-    whole-file arrays, and the same samples, bit for bit (soxr streams exactly
-    as it resamples in one shot). Raises AudioDecodeError as `decode` does.
+    the source is in memory at a time, and it stays in the CPU's cache through
+    reading, mixing down and resampling: ~1.5x faster than whole-file arrays,
+    and the same samples, bit for bit (soxr streams exactly as it resamples in
+    one shot). Raises AudioDecodeError as `decode` does.
     """
-    if needs_ffmpeg(path):
-        return _decode_container(path, write)
+    with open_stream(path) as stream:
+        for block in stream:
+            write(block)
+        return stream.source_rate, stream.channels
+
+
+class AudioStream:
+    """A file open for decoding: iterate it for blocks of mono float32 at SAMPLE_RATE, in order.
+
+    Memory stays bounded by one block of the source whatever the file's length (a
+    2-hour recording decodes in a few MiB), which is what `scan` and the decoders
+    of long files rely on. `duration` is the header's estimate (None when the
+    container does not say); the blocks themselves are the truth. Iterate once;
+    close it (or use `with`) when stopping early. Errors, at opening or while
+    decoding, are AudioDecodeError as for `decode`.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._file: sf.SoundFile | None = None
+        self._container = None
+        with _decode_errors(path):
+            if needs_ffmpeg(path):
+                if reason := why_unreadable(path):
+                    raise AudioDecodeError(reason)
+                self._container = open_with_ffmpeg(path)
+                self.source_rate, self.channels = self._container.rate, self._container.channels
+                self.duration = self._container.duration
+            else:
+                self._file = sf.SoundFile(self.path)
+                try:
+                    _check_header(self._file)
+                except BaseException:
+                    self._file.close()
+                    raise
+                self.source_rate, self.channels = self._file.samplerate, self._file.channels
+                self.duration = self._file.frames / self.source_rate if self._file.frames else None
+                if self._file.format == "MP3" and ffmpeg_available():
+                    # libsndfile 1.2's MP3 decoder glitches at the edges of partial reads (jumps of up to
+                    # 0.4 full scale, ulps elsewhere): FFmpeg's streams, within 3e-6 of libsndfile's one-shot read
+                    self._file.close()
+                    self._file, self._container = None, open_with_ffmpeg(path)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        blocks = self._container_blocks() if self._container is not None else self._sndfile_blocks()
+        with _decode_errors(self.path):
+            yield from blocks
+
+    def _sndfile_blocks(self) -> Iterator[np.ndarray]:
+        f = self._file
+        dtype, scale = _READ_AS.get(f.subtype, ("float32", 1.0))
+        whole = f.format == "MP3"  # without FFmpeg: read in one call, as libsndfile reads MP3 right
+        buffer = None if whole else np.empty((_BLOCK_FRAMES, self.channels), dtype=dtype)
+        resampler = self._resampler()
+        while True:
+            block = f.read(-1 if whole else _BLOCK_FRAMES, dtype=dtype, always_2d=True, out=buffer)
+            last = whole or len(block) < _BLOCK_FRAMES
+            mono = _finite(mixdown(block, scale))
+            out = mono if resampler is None else resampler.resample_chunk(mono, last=last)
+            if len(out):
+                yield out
+            if last:
+                return
+
+    def _container_blocks(self) -> Iterator[np.ndarray]:
+        """AAC, WMA, WebM, ... through FFmpeg, then the same mixdown and soxr resampling as libsndfile's formats."""
+        resampler = self._resampler()
+        for block in self._container.blocks:
+            mono = _finite(mixdown(block))
+            out = mono if resampler is None else resampler.resample_chunk(mono)
+            if len(out):
+                yield out
+        if resampler is not None and len(tail := resampler.resample_chunk(np.empty(0, np.float32), last=True)):
+            yield tail
+
+    def _resampler(self) -> soxr.ResampleStream | None:
+        if self.source_rate == SAMPLE_RATE:
+            return None
+        return soxr.ResampleStream(self.source_rate, SAMPLE_RATE, 1, "float32", _QUALITY)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._container is not None:
+            self._container.blocks.close()
+
+    def __enter__(self) -> AudioStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_stream(path: str | Path) -> AudioStream:
+    """Open `path` for decoding in bounded memory (see AudioStream)."""
+    return AudioStream(path)
+
+
+@contextmanager
+def _decode_errors(path: str | Path) -> Iterator[None]:
+    """libsndfile's and the codecs' exceptions as one AudioDecodeError with a reason a user can act on."""
     try:
-        with sf.SoundFile(str(path)) as f:
-            _check_header(f)
-            rate, channels = f.samplerate, f.channels
-            dtype, scale = _READ_AS.get(f.subtype, ("float32", 1.0))
-            # libsndfile 1.2's MP3 decoder glitches at the edge of every partial read (jumps of
-            # up to 0.5 full scale): MP3 is read whole, in one call, as libsndfile reads it right.
-            whole = f.format == "MP3"
-            buffer = None if whole else np.empty((_BLOCK_FRAMES, channels), dtype=dtype)
-            resampler = None if rate == SAMPLE_RATE else soxr.ResampleStream(rate, SAMPLE_RATE, 1, "float32", _QUALITY)
-            while True:
-                block = f.read(-1 if whole else _BLOCK_FRAMES, dtype=dtype, always_2d=True, out=buffer)
-                last = whole or len(block) < _BLOCK_FRAMES
-                mono = _finite(mixdown(block, scale))
-                out = mono if resampler is None else resampler.resample_chunk(mono, last=last)
-                if len(out):
-                    write(out)
-                if last:
-                    return rate, channels
+        yield
     except AudioDecodeError:
         raise
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as e:
         raise AudioDecodeError(why_unreadable(path) or f"not readable audio: {_reason(e)}") from e
     except MemoryError as e:
         raise AudioDecodeError("not enough memory to decode this file") from e
-
-
-def _decode_container(path: str | Path, write: Callable[[np.ndarray], object]) -> tuple[int, int]:
-    """AAC, WMA, WebM, ... through FFmpeg, then the same mixdown and soxr resampling as libsndfile's formats."""
-    state: dict[str, soxr.ResampleStream | None] = {}
-
-    def sink(block: np.ndarray, rate: int) -> None:
-        if "resampler" not in state:
-            state["resampler"] = None if rate == SAMPLE_RATE else soxr.ResampleStream(
-                rate, SAMPLE_RATE, 1, "float32", _QUALITY)
-        mono = _finite(mixdown(block))
-        resampler = state["resampler"]
-        out = mono if resampler is None else resampler.resample_chunk(mono)
-        if len(out):
-            write(out)
-
-    if why_unreadable(path):
-        raise AudioDecodeError(why_unreadable(path))
-    rate, channels = decode_with_ffmpeg(path, sink)
-    if state.get("resampler") is not None:
-        tail = state["resampler"].resample_chunk(np.empty(0, np.float32), last=True)
-        if len(tail):
-            write(tail)
-    return rate, channels
 
 
 def to_model_audio(data: np.ndarray, sample_rate: int) -> Audio:

@@ -216,15 +216,16 @@ def query(
         audiosearch query door_slam.wav -k 5 --label "Door"
     """
     from .query import query_clips
-    from .render import print_explain, print_hits
+    from .render import QueryBar, print_explain, print_hits
 
     if duplicates_only and similar_only:
         raise AudiosearchError("--duplicates-only and --similar-only exclude each other; give one of them")
     kinds = "duplicates" if duplicates_only else "similar" if similar_only else "all"
-    with _stdin_clips(clips) as paths:
+    with _stdin_clips(clips) as paths, QueryBar(err, enabled=err.is_terminal) as bar:
         results = query_clips(
             paths, index_dir=index, k=k, labels=label, filter=not no_filter, per_file=not segments,
             model=model, device=device, precision=precision, kinds=kinds, min_match_seconds=min_match,
+            progress=bar,
         )
         for n, result in enumerate(results):
             if as_json:
@@ -283,6 +284,39 @@ def dupes(
         print_dupes_csv(report)
     else:
         print_dupes(out, report)
+
+
+@app.command()
+@friendly
+def scan(
+    recording: Annotated[Path, typer.Argument(metavar="RECORDING", help="A long audio file to search through.")],
+    min_seconds: Annotated[float, typer.Option("--min-seconds", min=0.0, metavar="SECONDS",
+                                               help="Shortest occurrence to report.")] = 0.0,
+    index: IndexOpt = DEFAULT_INDEX,
+    as_json: JsonOpt = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print comma-separated rows (header first).")] = False,
+) -> None:
+    """Find every place in RECORDING where audio of the index's files occurs.
+
+    Each occurrence gives the recording's range, the library file and its range,
+    the speed and pitch factors and a score. The recording is streamed (memory
+    stays flat however long it is); no model is loaded.
+
+    \b
+    Example:
+        audiosearch scan broadcast.flac --index indexes/sfx --min-seconds 2
+    """
+    from .match.scan import scan as run_scan
+    from .render import ScanBar, print_scan, print_scan_csv
+
+    with ScanBar(err, enabled=err.is_terminal and not (as_json or as_csv)) as bar:
+        result = run_scan(recording, index_dir=index, min_seconds=min_seconds, progress=bar)
+    if as_json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+    elif as_csv:
+        print_scan_csv(result)
+    else:
+        print_scan(out, result)
 
 
 @app.command()

@@ -9,7 +9,7 @@ segment has been through the model.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +54,11 @@ class FileEmbedding:
     hash: str | None = None
     prints: bytes | None = None  # the file's fingerprint (match.fingerprint), when ingest asked for it
 
+
+# (the file's result so far, the segments just embedded, segments done, segments in the file)
+SegmentsDone = Callable[[FileEmbedding, list[SegmentEmbedding], int, int], None]
+# segments of a decoded file embedded before, by (start, end): reused as they are
+KnownSegments = Callable[[Decoded], dict[tuple[float, float], SegmentEmbedding]]
 
 DECODE_NICE = 10  # decoders' niceness when the model runs on the CPU
 # The model's shortest analysis window: one 25 ms log-mel frame. A clip shorter than this has no
@@ -162,6 +167,8 @@ class Embedder:
         self._next_slot = 0
         self._slot_pending: list[PendingOutput | None] = [None] * len(self._slots)  # each slot's last batch
         self._in_flight: tuple[list[tuple[_Job, int, Segment]], PendingOutput] | None = None
+        self._on_segments: SegmentsDone | None = None  # the hooks of the current `run`
+        self._known: KnownSegments | None = None
 
     def embed_files(self, paths: Iterable[str | Path]) -> Iterator[FileEmbedding]:
         """Yield one FileEmbedding per file, in completion order; bad files come back with an error.
@@ -181,9 +188,11 @@ class Embedder:
             raise AudioDecodeError("the signal holds no samples to embed")
         return self.embed_audio(audio)
 
-    def embed_audio(self, audio: Audio) -> list[SegmentEmbedding]:
+    def embed_audio(self, audio: Audio, on_segments: SegmentsDone | None = None) -> list[SegmentEmbedding]:
+        """Embed decoded audio; `on_segments` follows its segments as they are embedded (see `run`)."""
         job = _Job(Decoded(None, "<memory>", audio), segment(audio.samples, self.hop_seconds))
         self._in_flight = None  # whatever an abandoned run left behind
+        self._on_segments, self._known = on_segments, None
         for _ in self._run_batches([(job, i, s) for i, s in enumerate(job.pieces)]):
             pass
         for _ in self._collect():
@@ -191,10 +200,18 @@ class Embedder:
         return job.result.segments
 
     def run(self, tasks: Iterable[tuple[object, str]], *, with_hash: bool = False,
-            with_prints: bool = False) -> Iterator[FileEmbedding]:
-        """Embed (key, path) tasks; the key comes back on each FileEmbedding (with its fingerprint if asked)."""
+            with_prints: bool = False, on_segments: SegmentsDone | None = None,
+            known: KnownSegments | None = None) -> Iterator[FileEmbedding]:
+        """Embed (key, path) tasks; the key comes back on each FileEmbedding (with its fingerprint if asked).
+
+        `on_segments(file, new, done, total)` is called as a file's segments come out of the model,
+        before the file is complete: a long file shows progress, and its finished segments can be kept
+        (ingest commits them). `known(decoded)` returns segments already embedded for that file (by
+        start time): they are not embedded again, so an interrupted long file resumes where it stopped.
+        """
         pending: list[tuple[_Job, int, Segment]] = []
         self._in_flight = None  # whatever an abandoned run left behind
+        self._on_segments, self._known = on_segments, known
         # closed as soon as this generator is left, however: an interrupt must not leave decoders busy
         # until the traceback that holds this frame is freed
         pool = DecodePool(self.workers, with_hash=with_hash, nice=self.decode_nice, with_prints=with_prints)
@@ -204,7 +221,7 @@ class Embedder:
                 if job.done:
                     yield job.result
                     continue
-                pending.extend((job, i, s) for i, s in enumerate(job.pieces))
+                pending.extend((job, i, s) for i, s in enumerate(job.pieces) if job.slots[i] is None)
                 while len(pending) >= self.batch_size:
                     batch, pending = pending[: self.batch_size], pending[self.batch_size :]
                     yield from self._run_batches(batch)
@@ -216,7 +233,13 @@ class Embedder:
             return _Job(decoded, [], status="failed", error=decoded.error)
         if len(decoded.audio.samples) == 0:
             return _Job(decoded, [], status="skipped", error="holds no audio (0 samples)")
-        return _Job(decoded, segment(decoded.audio.samples, self.hop_seconds))
+        job = _Job(decoded, segment(decoded.audio.samples, self.hop_seconds))
+        known = self._known(decoded) if self._known is not None else None
+        if known:
+            for i, piece in enumerate(job.pieces):
+                if (emb := known.get((piece.start, piece.end))) is not None:
+                    job.fill(i, emb)
+        return job
 
     def _run_batches(self, items: list[tuple[_Job, int, Segment]]) -> Iterator[FileEmbedding]:
         """Queue each batch, then hand out the previous one's files (the device works meanwhile)."""
@@ -234,11 +257,18 @@ class Embedder:
         self._in_flight = None
         out = pending.result()
         self._slot_pending = [None if p is pending else p for p in self._slot_pending]
+        touched: dict[int, tuple[_Job, list[SegmentEmbedding]]] = {}
+        finished = []
         for row, (job, index, seg) in enumerate(batch):
             tokens = out.tokens[row].numpy() if out.tokens is not None else None
             emb = SegmentEmbedding(seg.start, seg.end, out.embeddings[row].numpy(), out.scores[row].numpy(), tokens)
+            touched.setdefault(id(job), (job, []))[1].append(emb)
             if job.fill(index, emb):
-                yield job.result
+                finished.append(job.result)
+        if self._on_segments is not None:
+            for job, new in touched.values():
+                self._on_segments(job.result, new, len(job.pieces) - job.remaining, len(job.pieces))
+        yield from finished
 
     def _launch(self, segments: list[Segment]) -> PendingOutput:
         """Stage the batch in the next slot (free: its last batch has been collected) and queue it."""

@@ -4,8 +4,12 @@ Only new and changed files are embedded (size + mtime, confirmed by content
 hash); a renamed file with the same bytes is a move; files gone from the
 folders are pruned. Results are committed to SQLite file by file in
 transactions, so a run killed at any moment loses at most the files in
-flight, and the next run picks up where it stopped. The FAISS file is
-refreshed from SQLite at checkpoints and at the end.
+flight, and the next run picks up where it stopped. A long file's finished
+segments are committed as it goes, in chunks (PARTIAL_SEGMENTS), outside the
+searchable tables: an interrupted 2-hour file resumes from its last chunk, and
+it becomes searchable, with its whole fingerprint, once all of it is in. The
+progress bar follows a file's segments (`Progress.advance`), not only whole
+files. The FAISS file is refreshed from SQLite at checkpoints and at the end.
 
 Bad input never ends a run. A file that cannot be decoded (or whose decoder
 crashes or hangs, see decode_pool) is recorded as failed with its error; one
@@ -33,7 +37,7 @@ from typing import Protocol
 from .audio import SEGMENT_SECONDS, file_format, is_audio_path
 from .collection import Collection
 from .decode_pool import content_hash
-from .embedder import Embedder, FileEmbedding, Tally
+from .embedder import Embedder, FileEmbedding, SegmentEmbedding, Tally
 from .errors import AudiosearchError, IndexWriteError, NoAudioFiles
 from .index import SyncReport
 from .match.lookup import SyncReport as PrintSyncReport
@@ -89,8 +93,12 @@ class IngestSummary(Tally):
 
 
 class Progress(Protocol):
+    """What ingest reports while it runs. `advance` (optional) follows a file's segments as they are
+    embedded, so that a long file moves the bar; `update` comes once per finished file."""
+
     def start(self, files: int) -> None: ...
     def update(self, result: FileEmbedding) -> None: ...
+    def advance(self, path: str, new: int, done: int, total: int) -> None: ...
 
 
 @dataclass
@@ -148,8 +156,8 @@ def ingest(
     except KeyboardInterrupt as e:
         summary.interrupted = True
         summary.wall_seconds = time.perf_counter() - started
-        raise Interrupted(signal_of(e), summary, "the files finished are committed; the next ingest resumes "
-                          "from there") from None
+        raise Interrupted(signal_of(e), summary, "the files finished are committed (and a long file's finished "
+                          "segments); the next ingest resumes from there") from None
     summary.wall_seconds = time.perf_counter() - started
     return summary
 
@@ -383,15 +391,64 @@ def _embed(collection: Collection, embedder: Embedder, files: list[DiskFile], su
         progress.start(len(files))
     writer = _Writer(collection.dir, collection.device, collection.store.durable)
     writer.start()
+    partials = _Partials(collection.store, writer, progress)
     try:
-        with closing(embedder.run(((f, f.path) for f in files), with_hash=True, with_prints=True)) as results:
+        with closing(embedder.run(((f, f.path) for f in files), with_hash=True, with_prints=True,
+                                  on_segments=partials.on_segments, known=partials.known)) as results:
             for result in results:
+                partials.finished(result)
                 writer.put(result)
                 _count(summary, result, result.path in known)
                 if progress:
                     progress.update(result)
     finally:
         writer.finish()
+    if collection.store.partial_count():  # every file finished: what is left belongs to files since changed
+        with collection.store.transaction():
+            collection.store.clear_partials()
+
+
+PARTIAL_SEGMENTS = 32  # a long file's finished segments are committed in chunks of this many (~5.5 min of audio)
+
+
+@dataclass
+class _Partial:
+    """Finished segments of a file still being embedded, to keep across an interrupt."""
+
+    hash: str
+    segments: list[SegmentResult]
+
+
+class _Partials:
+    """Progress within a file, and its finished segments committed as it goes (files of more than
+    PARTIAL_SEGMENTS segments): an interrupted 2-hour file resumes where it stopped, by content hash.
+    The file itself is written (and searchable) only once all its segments are in, fingerprint included."""
+
+    def __init__(self, store, writer: _Writer, progress: Progress | None):
+        self.store, self.writer = store, writer
+        self.advance = getattr(progress, "advance", None)
+        self.unsaved: dict[str, list[SegmentEmbedding]] = {}
+
+    def on_segments(self, result: FileEmbedding, new: list[SegmentEmbedding], done: int, total: int) -> None:
+        if self.advance is not None:
+            self.advance(result.path, len(new), done, total)
+        if total <= PARTIAL_SEGMENTS or not result.hash or done == total:
+            return
+        pending = self.unsaved.setdefault(result.path, [])
+        pending.extend(new)
+        if len(pending) >= PARTIAL_SEGMENTS:
+            self.writer.put(_Partial(result.hash, [SegmentResult(s.start, s.end, s.embedding, s.scores)
+                                                   for s in pending]))
+            self.unsaved[result.path] = []
+
+    def known(self, decoded) -> dict[tuple[float, float], SegmentEmbedding]:
+        if not decoded.hash:
+            return {}
+        return {(s.start, s.end): SegmentEmbedding(s.start, s.end, s.vector, s.scores)
+                for s in self.store.partial_segments(decoded.hash)}
+
+    def finished(self, result: FileEmbedding) -> None:
+        self.unsaved.pop(result.path, None)
 
 
 def _count(summary: IngestSummary, result: FileEmbedding, known: bool) -> None:
@@ -422,7 +479,7 @@ class _Writer(threading.Thread):
         self.error: BaseException | None = None
         self.ended = False  # the end marker has been taken from the queue
 
-    def put(self, result: FileEmbedding) -> None:
+    def put(self, result: FileEmbedding | _Partial) -> None:
         if self.error:
             raise self.error
         self.queue.put(result)
@@ -452,8 +509,11 @@ class _Writer(threading.Thread):
             batch, done = self._drain()
             if batch:
                 with collection.store.transaction():
-                    for result in batch:
-                        collection.store.write_file(_row(result.key, result), _segments(result), _prints(result))
+                    for item in batch:
+                        if isinstance(item, _Partial):
+                            collection.store.save_partial(item.hash, item.segments)
+                        else:
+                            collection.store.write_file(_row(item.key, item), _segments(item), _prints(item))
             if time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
                 index, _ = collection.refresh_index(index)
                 collection.refresh_prints()

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -110,8 +110,12 @@ def query_clips(
     precision: str = "auto",
     kinds: str = "all",
     min_match_seconds: float = 0.0,
+    progress: QueryProgress | None = None,
 ) -> Iterator[QueryResult]:
     """One QueryResult per clip, in order, with one model load for them all (see `Searcher.query`).
+
+    `progress.update(clip, done, total)` follows each clip's segments through the model (a
+    2-hour clip is 700 of them).
 
     Everything that can be checked without the model is checked first (the
     clips exist and are files, the index exists and holds segments, `labels`
@@ -126,7 +130,7 @@ def query_clips(
         searcher.load()
         for n, clip in enumerate(clips):
             result = searcher.query(clip, k=k, labels=labels, filter=filter, per_file=per_file, kinds=kinds,
-                                    min_match_seconds=min_match_seconds)
+                                    min_match_seconds=min_match_seconds, progress=progress)
             if n == 0:  # the first clip's --explain shows what opening the index cost
                 result.timings = {**searcher.load_timings, **result.timings}
             yield result
@@ -206,7 +210,7 @@ class Searcher:
 
     def query(self, clip: str | Path | Audio, *, k: int = 10, labels: list[str] | None = None, filter: bool = True,
               per_file: bool = True, kinds: str = "all", min_match_seconds: float = 0.0,
-              name: str | None = None) -> QueryResult:
+              name: str | None = None, progress: QueryProgress | None = None) -> QueryResult:
         """The k library items nearest to `clip` (a path, or decoded `Audio` named `name`).
 
         Verified duplicates come first, then similar items filtered by label. The label filter
@@ -226,10 +230,14 @@ class Searcher:
         matcher = self.matcher if kinds != "similar" else None
         return _query_one(self.collection, self.index, self.net, matcher, audio, name or str(clip), names,
                           filter=filter, k=k, per_file=per_file, kinds=kinds, min_match_seconds=min_match_seconds,
-                          watch=_Stopwatch())
+                          watch=_Stopwatch(), progress=progress)
 
 
 KINDS = ("all", "duplicates", "similar")
+
+
+class QueryProgress(Protocol):
+    def update(self, clip: str, done: int, total: int) -> None: ...
 
 
 def check_clip(clip: str | Path) -> None:
@@ -255,14 +263,15 @@ def _validate_index(collection: Collection) -> list[str]:
 
 def _query_one(collection: Collection, index, net: "Model", matcher: Matcher | None, audio: Audio, clip: str,
                names: list[str], *, filter: bool, k: int, per_file: bool, kinds: str, min_match_seconds: float,
-               watch: "_Stopwatch") -> QueryResult:
+               watch: "_Stopwatch", progress: QueryProgress | None = None) -> QueryResult:
     from .embedder import Embedder  # torch, like Model
 
     duplicates: list[Match] = []
     if matcher is not None:
         duplicates = matcher.match_samples(audio.samples, min_seconds=min_match_seconds, limit=k)
         watch.lap("match fingerprints")
-    segments = Embedder(net, workers=0, batch_size=8).embed_audio(audio)
+    follow = None if progress is None else (lambda _, new, done, total: progress.update(clip, done, total))
+    segments = Embedder(net, workers=0, batch_size=8).embed_audio(audio, on_segments=follow)
     watch.lap("embed")
     scores = np.max([s.scores for s in segments], axis=0)
     source = ("--label" if names else "top label") if filter else None

@@ -33,6 +33,8 @@ class IngestBar:
         self.task = None
         self.segments = 0
         self.seconds = 0.0
+        self.files_done = 0
+        self.within: dict[str, tuple[int, float]] = {}  # files under way: segments counted, share done
 
     def __enter__(self) -> "IngestBar":
         self.progress.start()
@@ -45,12 +47,25 @@ class IngestBar:
         self.task = self.progress.add_task("ingest", total=files, segments=0, hours=0.0, rate=0.0)
 
     def update(self, result: FileEmbedding) -> None:
-        self.segments += len(result.segments)
+        counted, _ = self.within.pop(result.path, (0, 0.0))
+        self.segments += len(result.segments) - counted
         self.seconds += (result.duration or 0.0) if result.status == "ok" else 0.0
+        self.files_done += 1
+        self._show()
+
+    def advance(self, path: str, new: int, done: int, total: int) -> None:
+        """Segments of a file under way: the bar moves by the share of the file done (a 2-hour file is
+        one file of many segments), and the segment count and rate follow them."""
+        counted, _ = self.within.get(path, (0, 0.0))
+        self.within[path] = (counted + new, done / max(total, 1))
+        self.segments += new
+        self._show()
+
+    def _show(self) -> None:
         elapsed = self.progress.tasks[0].elapsed or 1e-9
-        self.progress.update(
-            self.task, advance=1, segments=self.segments, hours=self.seconds / 3600, rate=self.segments / elapsed
-        )
+        completed = self.files_done + sum(share for _, share in self.within.values())
+        self.progress.update(self.task, completed=completed, segments=self.segments, hours=self.seconds / 3600,
+                             rate=self.segments / elapsed)
 
 
 def summary_dict(s: IngestSummary) -> dict:
@@ -442,3 +457,100 @@ def shown_path(path: str) -> str:
     """Paths under the working directory are shown relative to it; JSON output keeps them absolute."""
     cwd = os.getcwd().rstrip(os.sep) + os.sep
     return path[len(cwd):] if path.startswith(cwd) else path
+
+
+class ScanBar:
+    """Recording time scanned, occurrences found, rate and ETA while `scan` runs."""
+
+    def __init__(self, console: Console, *, enabled: bool = True):
+        self.progress = Progress(
+            TextColumn("[bold]scan"), BarColumn(bar_width=16), TextColumn("{task.fields[done]}"),
+            TextColumn("{task.fields[found]} found, {task.fields[rate]:.0f}x"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, disable=not enabled, transient=False,
+        )
+        self.task = None
+
+    def __enter__(self) -> "ScanBar":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def start(self, seconds: float | None) -> None:
+        self.task = self.progress.add_task("scan", total=seconds, done="", found=0, rate=0.0)
+
+    def update(self, seconds: float, found: int) -> None:
+        elapsed = self.progress.tasks[0].elapsed or 1e-9
+        total = self.progress.tasks[0].total
+        if total is not None and seconds > total:  # the header's estimate was short
+            self.progress.update(self.task, total=seconds)
+        self.progress.update(self.task, completed=seconds, done=clock(seconds).split(".")[0], found=found,
+                             rate=seconds / elapsed)
+
+
+SCAN_COLUMNS = ["start", "end", "path", "file start", "file end", "speed", "pitch", "score"]
+
+
+def scan_row(o, *, piped: bool) -> list[str]:
+    """One occurrence: on a terminal times as m:ss.ss and pitch in semitones; piped, plain seconds and
+    factors (speed: library seconds per recording second; pitch: recording / library frequency)."""
+    if piped:
+        return [f"{o.start:.2f}", f"{o.end:.2f}", o.path, f"{o.file_start:.2f}", f"{o.file_end:.2f}",
+                f"{o.speed:.4f}", f"{o.pitch:.4f}", f"{o.score:.2f}"]
+    semitones = round(12 * math.log2(o.pitch), 1) + 0.0 if o.pitch > 0 else 0.0  # + 0.0: no "-0.0"
+    return [clock(o.start), clock(o.end), shown_path(o.path), clock(o.file_start), clock(o.file_end),
+            f"×{o.speed:.3f}", f"{semitones:+.1f} st", f"{o.score:.2f}"]
+
+
+def print_scan(console: Console, result) -> None:
+    found = plural(len(result.occurrences), "occurrence")
+    if console.is_terminal or not result.occurrences:
+        console.print(f"{found} in {duration(result.duration)} of {escape(shown_path(result.recording))}",
+                      highlight=False)
+    if result.occurrences:
+        piped = not console.is_terminal
+        print_rows(console, SCAN_COLUMNS, [scan_row(o, piped=piped) for o in result.occurrences], shorten=2)
+
+
+def print_scan_csv(result) -> None:
+    import csv
+    import sys
+
+    writer = csv.writer(sys.stdout)
+    writer.writerow([c.replace(" ", "_") for c in SCAN_COLUMNS] + ["inliers"])
+    for o in result.occurrences:
+        writer.writerow([f"{o.start:.3f}", f"{o.end:.3f}", o.path, f"{o.file_start:.3f}", f"{o.file_end:.3f}",
+                         f"{o.speed:.4f}", f"{o.pitch:.4f}", f"{o.score:.3f}", o.inliers])
+
+
+class QueryBar:
+    """A long clip's segments through the model, on stderr, gone once the clip is embedded."""
+
+    MIN_SEGMENTS = 8  # shorter clips take a second or two: no bar
+
+    def __init__(self, console: Console, *, enabled: bool = True):
+        self.progress = Progress(
+            TextColumn("[bold]query"), BarColumn(bar_width=16), MofNCompleteColumn(), TextColumn("segments"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, disable=not enabled, transient=True,
+        )
+        self.task = None
+
+    def __enter__(self) -> "QueryBar":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def update(self, clip: str, done: int, total: int) -> None:
+        if total < self.MIN_SEGMENTS:
+            return
+        if self.task is None:
+            self.task = self.progress.add_task("query", total=total)
+        self.progress.update(self.task, completed=done, total=total)
+        if done >= total:
+            self.progress.remove_task(self.task)
+            self.task = None

@@ -114,6 +114,24 @@ def m003_dupes(db: sqlite_utils.Database) -> None:
     )
 
 
+@migrations()
+def m004_partial_segments(db: sqlite_utils.Database) -> None:
+    """Segments of a long file whose run was stopped before the file finished, by the file's content
+    hash: the next ingest of the same bytes embeds only the rest. Not searchable (the file is not
+    indexed until all its segments are); moved into `segments` when the file is written."""
+    db.executescript(
+        """
+        CREATE TABLE partial_segments (
+            hash TEXT NOT NULL,
+            start REAL NOT NULL, "end" REAL NOT NULL,
+            vector BLOB NOT NULL,                  -- float32 little-endian
+            scores BLOB NOT NULL,                  -- float32: stored as a finished file's are when it is
+            PRIMARY KEY (hash, start)
+        ) WITHOUT ROWID;
+        """
+    )
+
+
 @dataclass(frozen=True)
 class FileRow:
     id: int
@@ -285,6 +303,8 @@ class Store:
         file_id = self._upsert_file(row)
         self._delete_segments([file_id])
         self.db.execute("DELETE FROM fingerprints WHERE file_id = ?", (file_id,))
+        if row.get("hash"):
+            self.clear_partials(row["hash"])
         for seg in segments:
             self._insert_segment(file_id, seg)
         if prints is not None:
@@ -292,6 +312,31 @@ class Store:
                 "INSERT INTO fingerprints(file_id, version, peaks, data) VALUES (?, ?, ?, ?)",
                 (file_id, prints.version, prints.peaks, prints.data),
             )
+
+    def save_partial(self, digest: str, segments: list[SegmentResult]) -> None:
+        """Keep finished segments of a file still being embedded (call inside a transaction)."""
+        self.db.conn.executemany(
+            'INSERT OR REPLACE INTO partial_segments(hash, start, "end", vector, scores) VALUES (?, ?, ?, ?, ?)',
+            [(digest, s.start, s.end, np.ascontiguousarray(s.vector, dtype="<f4").tobytes(),
+              np.ascontiguousarray(s.scores, dtype="<f4").tobytes()) for s in segments],
+        )
+
+    def partial_segments(self, digest: str) -> list[SegmentResult]:
+        """The segments `save_partial` kept for this content, in time order."""
+        rows = self.db.execute('SELECT start, "end", vector, scores FROM partial_segments WHERE hash = ? '
+                               "ORDER BY start", (digest,)).fetchall()
+        return [SegmentResult(a, b, np.frombuffer(v, dtype="<f4").copy(), np.frombuffer(c, dtype="<f4").copy())
+                for a, b, v, c in rows]
+
+    def partial_count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM partial_segments").fetchone()[0]
+
+    def clear_partials(self, digest: str | None = None) -> None:
+        """Forget the partial segments of one content hash, or all of them (a run that finished every file)."""
+        if digest is None:
+            self.db.execute("DELETE FROM partial_segments")
+        else:
+            self.db.execute("DELETE FROM partial_segments WHERE hash = ?", (digest,))
 
     def move_file(self, old_path: str, row: dict) -> None:
         """A file with the same content appeared elsewhere: keep its segments, drop what the new path held."""
