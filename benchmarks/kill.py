@@ -139,10 +139,10 @@ def _trace_points() -> None:
     real_transaction = store.Store.transaction
 
     @contextlib.contextmanager
-    def transaction(self):
+    def transaction(self, **kwargs):
         mark("+commit")
         try:
-            with real_transaction(self):
+            with real_transaction(self, **kwargs):
                 yield
         finally:
             mark("-commit")
@@ -306,7 +306,7 @@ def _wait_for(trace: Path, line: str, pid: int, timeout: float) -> int | None:
                 return None
         except OSError:
             pass
-        time.sleep(0.005)
+        time.sleep(0.001)
     return None
 
 
@@ -381,9 +381,9 @@ def kill_loop(kills: int, files: int, workers: int, seed: int, work: Path) -> di
         status = None
         if target is None:  # a moment drawn over the whole run
             time.sleep(rng.uniform(0.0, expected))
-        else:  # a moment drawn over the first 20 ms of a phase (most are shorter than the model's loading)
+        else:  # a moment drawn over the first 3 ms of a phase (a whole run of the test library takes ~0.3 s)
             status = _wait_for(trace, target, pid, 2 * expected + 1)
-            time.sleep(rng.uniform(0.0, 0.02))
+            time.sleep(rng.uniform(0.0, 0.003))
         if status is None:
             active = active_phases(trace)
             os.kill(pid, signal.SIGKILL)
