@@ -19,29 +19,35 @@ from .ingest import IngestSummary
 from .query import QueryResult
 
 
-class IngestBar:
-    """Files, segments, audio hours, rate and ETA while an ingest (or `title`: embed) runs."""
+class _Bar:
+    """A rich progress bar on `console`, started and stopped as a context manager."""
 
-    def __init__(self, console: Console, *, enabled: bool = True, title: str = "ingest"):
-        # Fits 80 columns with room to spare: elapsed time and ETA must never be the part cut off.
-        self.progress = Progress(
-            TextColumn(f"[bold]{title}"), BarColumn(bar_width=16), MofNCompleteColumn(), TextColumn("files"),
-            TextColumn("{task.fields[segments]} seg, {task.fields[rate]:.1f}/s"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=console, disable=not enabled, transient=False,
-        )
+    def __init__(self, console: Console, *columns, enabled: bool, transient: bool):
+        self.progress = Progress(*columns, console=console, disable=not enabled, transient=transient)
         self.task = None
-        self.segments = 0
-        self.seconds = 0.0
-        self.files_done = 0
-        self.within: dict[str, tuple[int, float]] = {}  # files under way: segments counted, share done
 
-    def __enter__(self) -> "IngestBar":
+    def __enter__(self):
         self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.progress.stop()
+
+
+class IngestBar(_Bar):
+    """Files, segments, audio hours, rate and ETA while an ingest (or `title`: embed) runs."""
+
+    def __init__(self, console: Console, *, enabled: bool = True, title: str = "ingest"):
+        # Fits 80 columns with room to spare: elapsed time and ETA must never be the part cut off.
+        super().__init__(
+            console, TextColumn(f"[bold]{title}"), BarColumn(bar_width=16), MofNCompleteColumn(), TextColumn("files"),
+            TextColumn("{task.fields[segments]} seg, {task.fields[rate]:.1f}/s"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), enabled=enabled, transient=False,
+        )
+        self.segments = 0
+        self.seconds = 0.0
+        self.files_done = 0
+        self.within: dict[str, tuple[int, float]] = {}  # files under way: segments counted, share done
 
     def start(self, files: int) -> None:
         self.task = self.progress.add_task("ingest", total=files, segments=0, hours=0.0, rate=0.0)
@@ -353,21 +359,13 @@ def _relation(pair) -> str:
     return "overlap"
 
 
-class DupesBar:
+class DupesBar(_Bar):
     """Files matched and ETA while `dupes` matches fingerprints (shown only when there are many)."""
 
     def __init__(self, console: Console, *, enabled: bool = True):
-        self.progress = Progress(TextColumn("[bold]dupes"), BarColumn(bar_width=16), MofNCompleteColumn(),
-                                 TextColumn("files"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                 console=console, disable=not enabled, transient=True)
-        self.task = None
-
-    def __enter__(self) -> "DupesBar":
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
+        super().__init__(console, TextColumn("[bold]dupes"), BarColumn(bar_width=16), MofNCompleteColumn(),
+                         TextColumn("files"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                         enabled=enabled, transient=True)
 
     def __call__(self, done: int, total: int) -> None:
         if self.task is None:
@@ -459,24 +457,15 @@ def shown_path(path: str) -> str:
     return path[len(cwd):] if path.startswith(cwd) else path
 
 
-class ScanBar:
+class ScanBar(_Bar):
     """Recording time scanned, occurrences found, rate and ETA while `scan` runs."""
 
     def __init__(self, console: Console, *, enabled: bool = True):
-        self.progress = Progress(
-            TextColumn("[bold]scan"), BarColumn(bar_width=16), TextColumn("{task.fields[done]}"),
+        super().__init__(
+            console, TextColumn("[bold]scan"), BarColumn(bar_width=16), TextColumn("{task.fields[done]}"),
             TextColumn("{task.fields[found]} found, {task.fields[rate]:.0f}x"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=console, disable=not enabled, transient=False,
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), enabled=enabled, transient=False,
         )
-        self.task = None
-
-    def __enter__(self) -> "ScanBar":
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
 
     def start(self, seconds: float | None) -> None:
         self.task = self.progress.add_task("scan", total=seconds, done="", found=0, rate=0.0)
@@ -525,25 +514,16 @@ def print_scan_csv(result) -> None:
                          f"{o.speed:.4f}", f"{o.pitch:.4f}", f"{o.score:.3f}", o.inliers])
 
 
-class QueryBar:
+class QueryBar(_Bar):
     """A long clip's segments through the model, on stderr, gone once the clip is embedded."""
 
     MIN_SEGMENTS = 8  # shorter clips take a second or two: no bar
 
     def __init__(self, console: Console, *, enabled: bool = True):
-        self.progress = Progress(
-            TextColumn("[bold]query"), BarColumn(bar_width=16), MofNCompleteColumn(), TextColumn("segments"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=console, disable=not enabled, transient=True,
+        super().__init__(
+            console, TextColumn("[bold]query"), BarColumn(bar_width=16), MofNCompleteColumn(), TextColumn("segments"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), enabled=enabled, transient=True,
         )
-        self.task = None
-
-    def __enter__(self) -> "QueryBar":
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
 
     def update(self, clip: str, done: int, total: int) -> None:
         if total < self.MIN_SEGMENTS:
