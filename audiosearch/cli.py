@@ -278,12 +278,7 @@ def dupes(
     with DupesBar(err, enabled=err.is_terminal and not (as_json or as_csv)) as bar:
         report = find_dupes(index, min_seconds=min_seconds, kinds=kind, labels=label, similar=similar, full=full,
                             progress=bar)
-    if as_json:
-        print(json.dumps(report.to_dict(), ensure_ascii=False))
-    elif as_csv:
-        print_dupes_csv(report)
-    else:
-        print_dupes(out, report)
+    _emit(report, as_json=as_json, as_csv=as_csv, table=print_dupes, csv=print_dupes_csv)
 
 
 @app.command()
@@ -311,12 +306,17 @@ def scan(
 
     with ScanBar(err, enabled=err.is_terminal and not (as_json or as_csv)) as bar:
         result = run_scan(recording, index_dir=index, min_seconds=min_seconds, progress=bar)
+    _emit(result, as_json=as_json, as_csv=as_csv, table=print_scan, csv=print_scan_csv)
+
+
+def _emit(result, *, as_json: bool, as_csv: bool, table, csv) -> None:
+    """A report as JSON, as CSV or as the table for people (`table(console, result)`, `csv(result)`)."""
     if as_json:
         print(json.dumps(result.to_dict(), ensure_ascii=False))
     elif as_csv:
-        print_scan_csv(result)
+        csv(result)
     else:
-        print_scan(out, result)
+        table(out, result)
 
 
 @app.command()
