@@ -193,13 +193,7 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if self.durable else 'NORMAL'}")
         if create:
-            self.db.execute("BEGIN IMMEDIATE")  # two first runs must not both create the schema
-            try:
-                migrations.apply(self.db)
-                self.db.execute("COMMIT")
-            except BaseException:
-                self._rollback()
-                raise
+            self.upgrade()
 
     def close(self) -> None:
         self.db.close()
@@ -543,7 +537,8 @@ class Store:
         return self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'dupe_pairs'").fetchone() is not None
 
     def upgrade(self) -> None:
-        """Apply the migrations an index made by an older audiosearch lacks (no data is rewritten)."""
+        """Apply the migrations an index made by an older audiosearch lacks (no data is rewritten); in one
+        IMMEDIATE transaction, so two first runs do not both create the schema."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             migrations.apply(self.db)
