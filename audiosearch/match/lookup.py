@@ -18,6 +18,7 @@ memory, so a lookup always sees the last commit (see Collection).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -383,16 +384,11 @@ def _write_synthetic_run(directory: Path, ids: np.ndarray, n: int, rng: np.rando
     tmp = directory / f".{name}.synthetic.tmp"
     with open(tmp, "wb") as f:
         f.write(b"\0" * _HEADER.size)
-        for part in (ids.astype("<i8").tobytes(),):
+        # a generator: one chunk of entries in memory at a time
+        entries = (_random_entries(rng, min(chunk, total - lo), len(ids)).tobytes() for lo in range(0, total, chunk))
+        for part in itertools.chain([ids.astype("<i8").tobytes()], entries, [offsets.astype("<u8").tobytes()]):
             digest.update(part)
             f.write(part)
-        for lo in range(0, total, chunk):
-            part = _random_entries(rng, min(chunk, total - lo), len(ids)).tobytes()
-            digest.update(part)
-            f.write(part)
-        part = offsets.astype("<u8").tobytes()
-        digest.update(part)
-        f.write(part)
         f.seek(0)
         f.write(_HEADER.pack(MAGIC, len(ids), total, len(offsets), digest.intdigest()))
     os.replace(tmp, directory / name)

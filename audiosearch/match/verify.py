@@ -79,8 +79,8 @@ def align(query: Triplets, query_bins: np.ndarray, probe_rows: np.ndarray, entri
     # every collision of one file together, in their original order, for the per-file verification
     rows = np.nonzero(ok)[0]
     fp = entries["fp"][rows].astype(np.int64)
-    rows = rows[np.argsort(fp, kind="stable")]
-    fp = entries["fp"][rows].astype(np.int64)
+    by_file = np.argsort(fp, kind="stable")
+    rows, fp = rows[by_file], fp[by_file]
     q_t, r_t, ratio, pitch_bands, q_span = q_t[rows], r_t[rows], ratio[rows], pitch_bands[rows], q_span[rows]
     fps, counts = _consistent_counts(fp, r_t - q_t)
     order = np.argsort(-counts, kind="stable")[:CANDIDATES]
