@@ -103,10 +103,28 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=c.qkv_bias) for _ in range(3))
         self.o_proj = nn.Linear(d, d)
 
+    def fuse_projections(self) -> None:
+        """One [3D x D] projection for queries, keys and values instead of three [D x D] ones.
+
+        For int8 (`model.quantize_linear`): the input is then quantised once, not three
+        times, and one GEMM three times as wide runs closer to the CPU's peak. Per-output-channel
+        weight scales make the fused layer compute exactly what the three did.
+        """
+        fused = nn.Linear(self.q_proj.in_features, 3 * self.q_proj.out_features, bias=self.q_proj.bias is not None)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([p.weight for p in (self.q_proj, self.k_proj, self.v_proj)]))
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([p.bias for p in (self.q_proj, self.k_proj, self.v_proj)]))
+        self.qkv_proj = fused
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = (p(x).view(b, n, self.heads, d // self.heads).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = (p(x).view(b, n, self.heads, d // self.heads).transpose(1, 2)
+                       for p in (self.q_proj, self.k_proj, self.v_proj))
         out = nn.functional.scaled_dot_product_attention(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, d))
 

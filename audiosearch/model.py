@@ -96,10 +96,21 @@ def quantize_linear(net: torch.nn.Module) -> torch.nn.Module:
     quantised per batch on the fly, int32 accumulation; attention, norms and GELU stay float32.
 
     The linear layers are ~79% of AST's FLOPs and int8 GEMMs run at about twice float32's rate
-    on AVX2 (fbgemm's vpmaddubsw kernels) and on VNNI. Fidelity: tests/test_precision.py.
+    on AVX2 (vpmaddubsw kernels) and on VNNI. The oneDNN kernels, where torch has them, were ~6%
+    faster than fbgemm's over the whole AST on a 2-core AVX2 EPYC, at the same fidelity
+    (BENCHMARKS.md); the engine is process-wide and weights are packed for the one in force.
+    Queries, keys and values become one layer first (`Attention.fuse_projections`).
+    Fidelity: tests/test_precision.py.
     """
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
+    from .ast import Attention
+
+    for module in net.modules():
+        if isinstance(module, Attention):
+            module.fuse_projections()
+    if "onednn" in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = "onednn"
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao
         warnings.simplefilter("ignore")
         return quantize_dynamic(net, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)

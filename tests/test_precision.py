@@ -141,6 +141,27 @@ def test_int8_quantises_the_encoders_linear_layers_only(tiny_model):
     assert net.audio_spectrogram_transformer.embeddings.patch_embeddings.projection.weight.dtype == torch.float32
 
 
+def test_fused_projections_compute_what_the_three_did(tiny_model):
+    """int8 fuses queries, keys and values into one layer: per-channel scales make it the same
+    computation, in float32 (to rounding) and in int8 (the same integers, so the same output)."""
+    import copy
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    from audiosearch.ast import Attention
+
+    attention = next(m for m in Model(str(tiny_model), device="cpu", precision="fp32").net.modules()
+                     if isinstance(m, Attention))
+    x = torch.randn(2, 50, attention.o_proj.in_features)
+    fused = copy.deepcopy(attention)
+    fused.fuse_projections()
+    assert not hasattr(fused, "q_proj")
+    torch.testing.assert_close(fused(x), attention(x), rtol=1e-5, atol=1e-6)
+    three, one = (quantize_dynamic(copy.deepcopy(m), {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                   dtype=torch.qint8) for m in (attention, fused))
+    torch.testing.assert_close(one(x), three(x), rtol=0, atol=1e-6)
+
+
 def test_auto_picks_int8_only_where_allowed_and_bf16_is_not_native(monkeypatch):
     from audiosearch import model as model_module
 
