@@ -110,11 +110,12 @@ class Attention(nn.Module):
         times, and one GEMM three times as wide runs closer to the CPU's peak. Per-output-channel
         weight scales make the fused layer compute exactly what the three did.
         """
+        parts = (self.q_proj, self.k_proj, self.v_proj)
         fused = nn.Linear(self.q_proj.in_features, 3 * self.q_proj.out_features, bias=self.q_proj.bias is not None)
         with torch.no_grad():
-            fused.weight.copy_(torch.cat([p.weight for p in (self.q_proj, self.k_proj, self.v_proj)]))
+            fused.weight.copy_(torch.cat([p.weight for p in parts]))
             if fused.bias is not None:
-                fused.bias.copy_(torch.cat([p.bias for p in (self.q_proj, self.k_proj, self.v_proj)]))
+                fused.bias.copy_(torch.cat([p.bias for p in parts]))
         self.qkv_proj = fused
         del self.q_proj, self.k_proj, self.v_proj
 
