@@ -95,6 +95,7 @@ VOICES = ["en", "en-us", "en-gb-scotland", "en-029", "en+f3", "en+m3", "en+f2", 
 SCALES = {"major": [0, 2, 4, 5, 7, 9, 11], "minor": [0, 2, 3, 5, 7, 8, 10], "pentatonic": [0, 2, 4, 7, 9],
           "dorian": [0, 2, 3, 5, 7, 9, 10]}
 # General MIDI programs: pianos, organ, guitars, bass, strings, brass, reeds, pipes, leads, pads, mallets
+BASSES = [32, 33, 34, 35, 38, 39]
 PROGRAMS = [0, 1, 4, 6, 11, 13, 16, 19, 21, 24, 25, 26, 29, 32, 40, 41, 42, 46, 48, 52, 56, 57, 60, 61,
             64, 65, 68, 71, 73, 75, 79, 80, 81, 88, 89, 105, 108]
 
@@ -168,12 +169,12 @@ def make_tune(rng: random.Random, beats_min: float) -> Tune:
 
 
 def music(path: Path, tune: Tune, program: int, bass_program: int, bpm: float, font: str,
-          rng: random.Random, accompanied: bool) -> None:
+          rng: random.Random, accompanied: bool, drums: bool = True) -> None:
     """Render a tune with fluidsynth: one instrument for the melody, optional bass and drums."""
     mid = path.with_suffix(".mid")
     parts = [Part(0, program, tune.melody)]
     if accompanied:
-        parts += [Part(1, bass_program, tune.bass), Part(9, 0, tune.drums)]
+        parts += [Part(1, bass_program, tune.bass)] + ([Part(9, 0, tune.drums)] if drums else [])
     write_midi(str(mid), parts, bpm)
     raw = path.with_suffix(".fs.wav")
     run(["fluidsynth", "-ni", "-q", "-g", f"{rng.uniform(0.5, 0.9):.2f}", "-r", str(RATE), "-F", str(raw), font, str(mid)])
