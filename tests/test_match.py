@@ -20,6 +20,7 @@ from audiosearch import synthetic as syn
 from audiosearch.cli import app
 from audiosearch.match import Matcher
 from audiosearch.match import lookup as L
+from audiosearch.match import fingerprint as F
 from audiosearch.match.fingerprint import (VERSION, Fingerprint, fingerprint, keys, query_keys, triplets)
 
 from .conftest import write
@@ -89,6 +90,17 @@ def test_every_stored_key_is_among_its_own_probes():
     probes, rows = query_keys(tr, fp.short)
     assert len(tr) > 50
     assert all(stored[i] in set(probes[rows == i]) for i in range(len(tr)))
+
+
+@pytest.mark.parametrize("res", [F.LONG, F.SHORT], ids=["long", "short"])
+def test_peak_neighbourhoods_are_ndimage_maximum_filter(res):
+    """`_max_filter` stands in for ndimage's (4x faster): the same maxima, edges included, ties kept."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    spec = np.round(rng.normal(size=(37, F.N_BANDS)), 1).astype(np.float32)  # rounded: many ties
+    expected = ndimage.maximum_filter(spec, size=(2 * res.time_radius + 1, 2 * res.band_radius + 1), mode="nearest")
+    assert np.array_equal(F._max_filter(spec, res.time_radius, res.band_radius), expected)
 
 
 def test_gain_changes_no_peak():

@@ -112,22 +112,29 @@ def log_spectrogram(y: np.ndarray, res: Resolution) -> np.ndarray:
     """dB power in N_BANDS log-spaced bands, [frames, bands]; frame i is centred on i * hop.
 
     Computed SPECTRUM_FRAMES frames at a time (each frame on its own, so the result is the
-    same): the whole spectrum of an hour took 1.2 GB, its bands take 30 MB.
+    same): the whole spectrum of an hour took 1.2 GB, its bands take 30 MB, and a block that
+    fits in cache is faster too.
     """
     y = np.pad(y, (res.n_fft // 2, res.n_fft // 2))
     frames = np.lib.stride_tricks.sliding_window_view(y, res.n_fft)[:: res.hop]
     out = np.empty((len(frames), N_BANDS), dtype=np.float32)
     for start in range(0, len(frames), SPECTRUM_FRAMES):
         spectrum = scipy.fft.rfft(frames[start : start + SPECTRUM_FRAMES] * _window(res.n_fft), axis=1)
-        power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
+        power = np.square(spectrum.real)
+        power += np.square(spectrum.imag)
         # Sparse: each band reads a few bins. A dense BLAS product cost 20x more here, most of it
         # in OpenBLAS waking threads that the decoders' other processes need.
-        bands = np.ascontiguousarray((_filterbank(res.n_fft) @ power.T).T)
-        out[start : start + SPECTRUM_FRAMES] = 10.0 * np.log10(bands + 1e-10)
+        bands = power @ _filterbank(res.n_fft)
+        bands += 1e-10
+        np.log10(bands, out=bands)
+        bands *= 10.0
+        out[start : start + SPECTRUM_FRAMES] = bands
     return out
 
 
-SPECTRUM_FRAMES = 4096  # ~2 minutes of LONG frames per block of the spectrum: 16 MiB of float32 frames
+# Frames per block of the spectrum: 256 (8 s of LONG frames, 1 MiB of windowed frames, 0.5 MiB of
+# spectrum) stay in a core's L2 cache; 4096 blocks (16 MiB) made the whole spectrogram 1.8x slower.
+SPECTRUM_FRAMES = 256
 
 
 def pick_peaks(spec: np.ndarray, res: Resolution, density: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -136,8 +143,7 @@ def pick_peaks(spec: np.ndarray, res: Resolution, density: float = 1.0) -> tuple
     Returns frame index, fractional band (parabolic interpolation) and strength in dB. A peak's
     rank is its height: gain changes no order, and the strongest are the ones noise leaves standing.
     """
-    size = (2 * res.time_radius + 1, 2 * res.band_radius + 1)
-    local_max = ndimage.maximum_filter(spec, size=size, mode="nearest")
+    local_max = _max_filter(spec, res.time_radius, res.band_radius)
     background = ndimage.uniform_filter(spec, size=(4 * res.time_radius + 1, 6 * res.band_radius + 1), mode="nearest")
     floor = spec.max() - 70.0
     is_peak = (spec == local_max) & (spec > floor) & (spec > background + 3.0)
@@ -154,6 +160,21 @@ def pick_peaks(spec: np.ndarray, res: Resolution, density: float = 1.0) -> tuple
     return frames.astype(np.float64), (bands + np.clip(delta, -0.5, 0.5)).astype(np.float32), mid.astype(np.float32)
 
 
+def _max_filter(spec: np.ndarray, time_radius: int, band_radius: int) -> np.ndarray:
+    """`ndimage.maximum_filter` over a (2 r + 1)-wide box, edges repeated (mode "nearest"): the same
+    values, as a running maximum over shifted views along each axis, in a quarter of the time."""
+    frames, bands = spec.shape
+    padded = np.pad(spec, ((time_radius, time_radius), (0, 0)), mode="edge")
+    over_time = padded[:frames].copy()
+    for shift in range(1, 2 * time_radius + 1):
+        np.maximum(over_time, padded[shift:shift + frames], out=over_time)
+    padded = np.pad(over_time, ((0, 0), (band_radius, band_radius)), mode="edge")
+    out = padded[:, :bands].copy()
+    for shift in range(1, 2 * band_radius + 1):
+        np.maximum(out, padded[:, shift:shift + bands], out=out)
+    return out
+
+
 def _densest(frames: np.ndarray, height: np.ndarray, per_second: float, frame_seconds: float) -> np.ndarray:
     """Indices of the highest peaks, at most `per_second` in each second, in time order."""
     per_block = max(1, int(round(per_second)))
@@ -167,7 +188,7 @@ def _densest(frames: np.ndarray, height: np.ndarray, per_second: float, frame_se
 
 
 _windows: dict[int, np.ndarray] = {}
-_banks: dict[int, scipy.sparse.csr_matrix] = {}
+_banks: dict[int, scipy.sparse.csc_matrix] = {}
 
 
 def _window(n_fft: int) -> np.ndarray:
@@ -176,15 +197,15 @@ def _window(n_fft: int) -> np.ndarray:
     return _windows[n_fft]
 
 
-def _filterbank(n_fft: int) -> scipy.sparse.csr_matrix:
-    """[N_BANDS, n_fft/2+1] triangular weights on a log-frequency axis (at least one FFT bin wide)."""
+def _filterbank(n_fft: int) -> scipy.sparse.csc_matrix:
+    """[n_fft/2+1, N_BANDS] triangular weights on a log-frequency axis (at least one FFT bin wide)."""
     if n_fft not in _banks:
         freqs = np.fft.rfftfreq(n_fft, 1 / ANALYSIS_RATE)
         centres = F_MIN * 2.0 ** (np.arange(N_BANDS) / BANDS_PER_OCTAVE)
         bin_hz = ANALYSIS_RATE / n_fft
         width = np.maximum(centres * (2 ** (1 / BANDS_PER_OCTAVE) - 1), bin_hz)
         weights = np.clip(1 - np.abs(freqs[:, None] - centres[None, :]) / width[None, :], 0, None)
-        _banks[n_fft] = scipy.sparse.csr_matrix((weights / weights.sum(axis=0, keepdims=True)).T.astype(np.float32))
+        _banks[n_fft] = scipy.sparse.csc_matrix((weights / weights.sum(axis=0, keepdims=True)).astype(np.float32))
     return _banks[n_fft]
 
 
