@@ -143,8 +143,25 @@ def test_lookup_sync_adds_masks_and_merges(tmp_path):
     _, entries = lookup.lookup(probes)
     assert 2 not in set(entries["fp"])  # masked
     merged = L.merge_runs(lookup.runs, lookup.masked)
-    assert set(merged.ids) == {1, 3, 7} and 2 not in set(merged.entries["fp"])
+    assert set(merged.ids) == {1, 3, 7} and 2 not in set(merged.unpack(merged.entries)["fp"])
     assert np.all(np.diff(merged.keys.astype(np.int64)) >= 0)
+
+
+def test_packed_entries_keep_what_verification_reads():
+    """8-byte entries: ids, times and spans exactly (every peak lies on an 8 ms grid), bands within
+    a tenth of one; a triplet past the 37 h a run can place is left out, not placed wrongly."""
+    fp = fingerprint(syn.melody(6, seed=4))
+    keys_, entries = L.entries_of(123456789, fp)
+    run = L.sorted_run(np.array([5, 123456789], dtype=np.int64), [keys_], [entries])
+    assert run.entries.dtype == L.PACKED and len(run) == len(entries)
+    back = np.sort(run.unpack(run.entries), order=["ms", "span", "band"])
+    entries = np.sort(entries, order=["ms", "span", "band"])
+    assert np.all(back["fp"] == 123456789)
+    assert np.array_equal(back["ms"], entries["ms"]) and np.array_equal(back["span"], entries["span"])
+    assert np.abs(back["band"].astype(int) - entries["band"]).max() <= 0.1 * 64
+    late = entries[:3].copy()
+    late["ms"] = [L.MAX_INDEXED_MS, L.MAX_INDEXED_MS + 8, 10**10 // 3]
+    assert len(L.sorted_run(np.array([123456789]), [keys_[:3]], [late])) == 1
 
 
 def test_a_dense_run_finds_what_a_sorted_one_finds(tmp_path, monkeypatch):

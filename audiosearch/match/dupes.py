@@ -37,7 +37,7 @@ import numpy as np
 from ..audio import file_format
 from ..collection import Collection
 from .fingerprint import FAR, KEYS_VERSION, NEAR, VERSION, Fingerprint
-from .lookup import PrintLookup, Run, entries_of
+from .lookup import PrintLookup, entries_of, sorted_run
 from .matcher import SHORT_BIN, match_fingerprint
 from .verify import MIN_SCORE, Alignment
 
@@ -127,8 +127,7 @@ def _one_way(query: Fingerprint, lib_id: int, lib: Fingerprint) -> Alignment | N
 def _single_lookup(fp_id: int, fp: Fingerprint) -> PrintLookup:
     """A lookup index holding one fingerprint, built in memory."""
     keys, entries = entries_of(fp_id, fp)
-    order = np.argsort(keys, kind="stable")
-    return PrintLookup([Run(np.array([fp_id], dtype=np.int64), keys[order], entries[order])])
+    return PrintLookup([sorted_run(np.array([fp_id], dtype=np.int64), [keys], [entries])])
 
 
 def dense_enough(a: Alignment, query: Fingerprint) -> bool:

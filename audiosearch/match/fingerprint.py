@@ -225,7 +225,7 @@ GAP_LEVELS = 128  # key levels of a frequency difference: ±MAX_BAND_GAP / GAP_S
 GAP_STEP = 1.0  # bands per key step of a frequency difference
 SPAN_STEP = 0.14  # log2 seconds per key step of the span (10 %)
 OCTAVE_STEP = 12  # bands per step of the anchor's coarse frequency (half an octave)
-KEYS_VERSION = 2  # bump when triplets or keys change: lookup files of another are rebuilt from the stored peaks
+KEYS_VERSION = 3  # bump when triplets or keys change: lookup files of another are rebuilt from the stored peaks
 ANCHOR_CHUNK = 16384  # anchors paired at once (bounds memory on hour-long signals)
 
 

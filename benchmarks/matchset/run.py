@@ -180,7 +180,7 @@ def lookup_timing(index: Path, queries: list[dict], root: Path, work: Path) -> d
     try:
         from audiosearch.audio import decode
         from audiosearch.match.fingerprint import QUERY_DENSITY, fingerprint
-        from audiosearch.match.lookup import DENSE_ENTRIES, ENTRY, synthetic_index
+        from audiosearch.match.lookup import DENSE_ENTRIES, PACKED, synthetic_index
         from audiosearch.match.matcher import match_fingerprint
         from audiosearch.match import Matcher
     except ImportError as e:
@@ -204,8 +204,8 @@ def lookup_timing(index: Path, queries: list[dict], root: Path, work: Path) -> d
     rate = getattr(sys.modules["audiosearch.match.lookup"], "SYNTHETIC_TRIPLETS_PER_SECOND", 60.0)
     for hours in SYNTHETIC_HOURS:
         entries = hours * 3600 * rate
-        disk = entries * ENTRY.itemsize * 1.05 + 2**28  # entries and the bucket table, streamed to disk
-        need = 0 if entries >= DENSE_ENTRIES else entries * (ENTRY.itemsize + 4) * 2.5  # small: sorted in memory
+        disk = entries * PACKED.itemsize * 1.05 + 2**28  # entries and the bucket table, streamed to disk
+        need = 0 if entries >= DENSE_ENTRIES else entries * (PACKED.itemsize + 4) * 2.5  # small: sorted in memory
         avail = _mem_available()
         free_disk = shutil.disk_usage(work).free
         if need > 0.8 * avail or disk > 0.8 * free_disk:
