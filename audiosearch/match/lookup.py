@@ -252,7 +252,7 @@ def pack(entries: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """ENTRY as PACKED, for a run covering `ids` (ascending; every entry's fingerprint among them)."""
     if len(ids) > MAX_RUN_FINGERPRINTS:
         raise ValueError(f"a run holds at most {MAX_RUN_FINGERPRINTS} fingerprints, not {len(ids)}")
-    half = TIME_STEP_MS // 2  # integer rounding: float conversions made packing 2 G entries take minutes
+    half = TIME_STEP_MS // 2  # to round to the nearest step in integers
     ordinal = _ordinals(ids, entries["fp"]).astype(np.uint64)
     time = (entries["ms"].astype(np.uint64) + half) // TIME_STEP_MS
     band = np.minimum((entries["band"].astype(np.uint64) * BAND_STEPS + 32) // 64, (1 << _BAND_BITS) - 1)
