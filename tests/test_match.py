@@ -164,6 +164,43 @@ def test_packed_entries_keep_what_verification_reads():
     assert len(L.sorted_run(np.array([123456789]), [keys_[:3]], [late])) == 1
 
 
+def test_plausible_keeps_every_collision_of_every_candidate():
+    """The pre-filter may keep too much, never too little: each file that `align` could verify
+    (enough collisions at one lag) keeps all its collisions, at any lag; chance ones mostly go."""
+    from audiosearch.match.verify import _consistent_counts, plausible
+    rng = np.random.default_rng(0)
+    files = rng.integers(0, 200_000, 300_000)
+    lags = rng.uniform(-20, 60, len(files))
+    planted = []  # copies: 14 collisions around one lag (some straddling a bin edge), plus strays
+    for i, at in enumerate(rng.uniform(-5, 40, 40)):
+        f = 500_000 + i
+        planted.append((f, at + rng.normal(0, 0.3, 14 + i % 3), rng.uniform(-20, 60, 5)))
+    group = np.concatenate([files] + [np.full(len(a) + len(b), f) for f, a, b in planted])
+    lag = np.concatenate([lags] + [np.concatenate([a, b]) for _, a, b in planted])
+    kept = plausible(group, lag, 14)
+    ids, counts = _consistent_counts(group[np.argsort(group, kind="stable")], lag[np.argsort(group, kind="stable")])
+    must = np.isin(group, ids[counts >= 14])
+    assert must.sum() >= 40 * 19 and np.all(kept[must])
+    assert kept.mean() < 0.01
+
+
+def test_matching_through_the_pre_filter_finds_what_matching_without_it_finds():
+    source = Prints({i: syn.melody(20, seed=i) for i in range(1, 6)})
+    index = L.PrintLookup()
+    index.sync(source)
+    clip = syn.melody(20, seed=3)[RATE * 4: RATE * 14]
+    noisy = clip + np.random.default_rng(1).normal(0, 0.1 * clip.std(), len(clip)).astype(np.float32)
+    query = fingerprint(noisy, density=F.QUERY_DENSITY)
+
+    class Unfiltered:
+        def lookup(self, probe_keys, keep=None):
+            return index.lookup(probe_keys)
+
+    from audiosearch.match.matcher import match_fingerprint
+    filtered, unfiltered = match_fingerprint(index, query), match_fingerprint(Unfiltered(), query)
+    assert filtered and filtered[0].fp_id == 3 and filtered == unfiltered
+
+
 def test_a_dense_run_finds_what_a_sorted_one_finds(tmp_path, monkeypatch):
     source = Prints({i: syn.melody(6, seed=i) for i in range(1, 5)})
     monkeypatch.setattr(L, "KEY_BITS", 16)  # a small bucket table (the real one is 512 MiB): same layout

@@ -37,7 +37,7 @@ import numpy as np
 from ..audio import file_format
 from ..collection import Collection
 from .fingerprint import FAR, KEYS_VERSION, NEAR, VERSION, Fingerprint
-from .lookup import PrintLookup, entries_of, sorted_run
+from .lookup import Keep, PrintLookup, entries_of, sorted_run
 from .matcher import SHORT_BIN, match_fingerprint
 from .verify import MIN_SCORE, Alignment
 
@@ -171,16 +171,17 @@ class RareKeys:
     def __init__(self, lookup: PrintLookup, max_bucket: int):
         self.inner, self.max_bucket = lookup, max_bucket
 
-    def lookup(self, probe_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def lookup(self, probe_keys: np.ndarray, keep: Keep | None = None) -> tuple[np.ndarray, np.ndarray]:
         probe_keys = np.asarray(probe_keys, dtype=np.uint32)
         unique, inverse = np.unique(probe_keys, return_inverse=True)  # sorted: cache-friendly binary searches
         held = np.zeros(len(unique), dtype=np.int64)
         for run in self.inner.runs:
             lo, hi = run.ranges(unique)
             held += hi - lo
-        keep = np.nonzero((held <= self.max_bucket)[inverse.reshape(-1)])[0]
-        probe, entries = self.inner.lookup(probe_keys[keep])
-        return keep[probe], entries
+        rare = np.nonzero((held <= self.max_bucket)[inverse.reshape(-1)])[0]
+        inner_keep = None if keep is None else lambda probe, ordinal, ms: keep(rare[probe], ordinal, ms)
+        probe, entries = self.inner.lookup(probe_keys[rare], inner_keep)
+        return rare[probe], entries
 
 
 def candidates(lookup: PrintLookup | RareKeys, fp_id: int, fp: Fingerprint) -> list[int]:

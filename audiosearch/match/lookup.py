@@ -26,7 +26,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import xxhash
@@ -64,6 +64,10 @@ class PrintSource(Protocol):
     def iter_prints(self, ids: np.ndarray, batch_size: int = 512): ...
 
 
+# A choice of collisions from what they say before unpacking: (probe index, ordinal, ms) -> bool mask.
+Keep = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
 class LookupCorrupt(Exception):
     """A run or the manifest cannot be read; the lookup index is derived, so rebuild it from SQLite."""
 
@@ -99,7 +103,9 @@ class Run:
     def ranges(self, probe_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Where each probe key's entries start and end."""
         if self.offsets is not None:
-            return self.offsets[probe_keys].astype(np.int64), self.offsets[probe_keys.astype(np.int64) + 1].astype(np.int64)
+            offsets = np.asarray(self.offsets)  # a memory map; take() from its plain view is 2x faster than [...]
+            return (np.take(offsets, probe_keys).astype(np.int64),
+                    np.take(offsets, probe_keys.astype(np.int64) + 1).astype(np.int64))
         # sorted needles: each binary search starts where the last ended (3x faster on 25k probes)
         order = np.argsort(probe_keys, kind="stable")
         lo, hi = np.empty(len(order), np.int64), np.empty(len(order), np.int64)
@@ -110,6 +116,13 @@ class Run:
     def unpack(self, packed: np.ndarray) -> np.ndarray:
         """Entries of this run (PACKED) as ENTRY, with their fingerprint ids."""
         return unpack(packed, self.ids)
+
+    @staticmethod
+    def places(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each entry's fingerprint ordinal in this run and its anchor time in ms: what a
+        collision says before it is unpacked (ordinals stand for fingerprints within one run)."""
+        low, high = _halves(packed)
+        return high >> np.uint32(_TIME_BITS - _LOW_TIME_BITS), _time_ms(low, high)
 
     def all_keys(self) -> np.ndarray:
         """Every entry's key (rebuilt from the offsets of a dense run)."""
@@ -151,8 +164,13 @@ class PrintLookup:
                 "fingerprints": int(len(self.covered())), "generation": self.generation}
 
     # -- lookups -----------------------------------------------------------------
-    def lookup(self, probe_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Entries stored under each probe key: (probe index, entry) pairs, masked fingerprints left out."""
+    def lookup(self, probe_keys: np.ndarray, keep: Keep | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Entries stored under each probe key: (probe index, entry) pairs, masked fingerprints left out.
+
+        `keep(probe, ordinal, ms)` says which of a run's collisions to unpack (see Run.places): at
+        10,000 hours a 10 s clip meets ~2 M chance collisions, and unpacking them all cost more than
+        finding them.
+        """
         probe_keys = np.asarray(probe_keys, dtype=np.uint32)
         found_probe, found_entries = [], []
         for run in self.runs:
@@ -164,9 +182,12 @@ class PrintLookup:
                 continue
             probe = np.repeat(np.arange(len(probe_keys)), count)
             starts = np.repeat(lo - np.cumsum(count) + count, count)
-            positions = starts + np.arange(total)
+            packed = np.take(np.asarray(run.entries), starts + np.arange(total))
+            if keep is not None:
+                chosen = np.nonzero(keep(probe, *run.places(packed)))[0]
+                probe, packed = probe[chosen], packed[chosen]
             found_probe.append(probe)
-            found_entries.append(run.unpack(run.entries[positions]))
+            found_entries.append(run.unpack(packed))
         if not found_probe:
             return np.zeros(0, np.int64), np.zeros(0, ENTRY)
         probe, entries = np.concatenate(found_probe), np.concatenate(found_entries)
@@ -276,16 +297,26 @@ def _ordinals(ids: np.ndarray, fp: np.ndarray) -> np.ndarray:
 
 def unpack(packed: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """PACKED entries of a run covering `ids` as ENTRY (in 32-bit halves: a third faster)."""
-    halves = np.ascontiguousarray(packed, dtype="<u8").view("<u4").reshape(-1, 2)
-    low, high = halves[:, 0], halves[:, 1]
-    e = np.empty(len(halves), ENTRY)
+    low, high = _halves(packed)
+    e = np.empty(len(low), ENTRY)
     e["span"] = (low & ((1 << _SPAN_BITS) - 1)) * TIME_STEP_MS
     e["band"] = (((low >> _SPAN_BITS) & ((1 << _BAND_BITS) - 1)) * 128 + BAND_STEPS) // (2 * BAND_STEPS)  # x 64/5
-    low_time_bits = 32 - _SPAN_BITS - _BAND_BITS
-    high_time = high & ((1 << (_TIME_BITS - low_time_bits)) - 1)
-    e["ms"] = ((low >> (_SPAN_BITS + _BAND_BITS)) | (high_time << low_time_bits)) * TIME_STEP_MS
-    e["fp"] = ids[high >> (_TIME_BITS - low_time_bits)]
+    e["ms"] = _time_ms(low, high)
+    e["fp"] = ids[high >> (_TIME_BITS - _LOW_TIME_BITS)]
     return e
+
+
+_LOW_TIME_BITS = 32 - _SPAN_BITS - _BAND_BITS  # of the time's bits, those in the low half
+
+
+def _halves(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    halves = np.ascontiguousarray(packed, dtype="<u8").view("<u4").reshape(-1, 2)
+    return halves[:, 0], halves[:, 1]
+
+
+def _time_ms(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    high_time = high & np.uint32((1 << (_TIME_BITS - _LOW_TIME_BITS)) - 1)
+    return ((low >> np.uint32(_SPAN_BITS + _BAND_BITS)) | (high_time << np.uint32(_LOW_TIME_BITS))) * np.uint32(TIME_STEP_MS)
 
 
 # -- files -------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from ..collection import Collection
 from ..errors import AudioDecodeError
 from .fingerprint import QUERY_DENSITY, QUERY_FAR, QUERY_NEAR, QUERY_WIDEN, Fingerprint, fingerprint, query_keys, triplets
 from .lookup import PrintLookup
-from .verify import MIN_INLIERS, MIN_SCORE, Alignment, align
+from .verify import MIN_INLIERS, MIN_SCORE, Alignment, align, plausible
 
 
 @dataclass(frozen=True)
@@ -129,11 +129,16 @@ def match_fingerprint(lookup: PrintLookup, fp: Fingerprint, *, min_inliers: int 
     if len(tr) == 0:
         return []
     probe_keys, rows = query_keys(tr, fp.short)
-    probe, entries = lookup.lookup(probe_keys)
+    least = _min_inliers(fp, min_inliers)
+    probe_times = tr.t1[rows]
+
+    def candidates_only(probe: np.ndarray, ordinal: np.ndarray, ms: np.ndarray) -> np.ndarray:
+        return plausible(ordinal, ms / 1000.0 - np.take(probe_times, probe), least)  # the lag `align` bins
+
+    probe, entries = lookup.lookup(probe_keys, keep=candidates_only)
     bin_seconds = SHORT_BIN if fp.short else 1.0  # a clip under 2 s is scored by 50 ms, not by the second
     bins = np.unique(np.floor(fp.times / bin_seconds).astype(np.int64))
-    return align(tr, bins, rows[probe], entries, min_inliers=_min_inliers(fp, min_inliers), min_score=min_score,
-                 bin_seconds=bin_seconds)
+    return align(tr, bins, rows[probe], entries, min_inliers=least, min_score=min_score, bin_seconds=bin_seconds)
 
 
 SHORT_BIN = 0.05

@@ -114,6 +114,31 @@ def _consistent_counts(fp: np.ndarray, lag: np.ndarray) -> tuple[np.ndarray, np.
     return files, np.maximum.reduceat(pair, starts)
 
 
+PLAUSIBLE_TABLE_BITS = 20  # cells of the hashed count in `plausible` (8 MiB of counts)
+_CELL_HASH = 0x9E3779B1  # odd: spreads consecutive ordinals over the table; cell + 1 stays the next lag bin
+
+
+def plausible(group: np.ndarray, lag: np.ndarray, min_count: int) -> np.ndarray:
+    """Which collisions belong to a group (file) that could become a candidate in `align`.
+
+    A candidate needs `min_count` collisions within two neighbouring CANDIDATE_BINs of lag
+    (`_consistent_counts`). Counted here in a hashed table, where a cell's count can only be too
+    high, so no candidate is lost: every collision of a group with one such pair of cells is kept,
+    whatever its lag, because `_verify` reads them all. At 10,000 hours nearly all of a clip's
+    ~2 M collisions are chance ones, spread over a million files: they are dropped before they
+    are unpacked, sorted or counted exactly. `group` is any integer that tells files apart
+    (a run's ordinals).
+    """
+    mask = (1 << PLAUSIBLE_TABLE_BITS) - 1
+    group = group.astype(np.uint32, copy=False)  # 32-bit products wrap, but keep their low bits: all the cell needs
+    cell = (group * np.uint32(_CELL_HASH) + np.floor(lag / CANDIDATE_BIN).astype(np.int32).view(np.uint32)) & np.uint32(mask)
+    counts = np.bincount(cell, minlength=mask + 1)
+    enough = counts + np.maximum(np.roll(counts, 1), np.roll(counts, -1)) >= min_count  # per cell, with either neighbour
+    groups = np.zeros(mask + 1, dtype=bool)
+    groups[group[np.take(enough, cell)] & np.uint32(mask)] = True
+    return np.take(groups, group & np.uint32(mask))  # take, not [...]: 5x faster from a table this size
+
+
 _SPEEDS = np.arange(MIN_SPEED, MAX_SPEED + SPEED_STEP / 2, SPEED_STEP)
 
 
