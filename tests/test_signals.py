@@ -23,8 +23,12 @@ from .conftest import write
 # The CLI, with test-only changes: decoding a file named slow*.wav writes the worker's pid to $SLOW_MARK
 # and sleeps a minute first (a long file's decode), so that a signal finds a worker busy; decoding a
 # file named crash*.wav kills its worker with SIGSEGV.
+# SIGINT is set back to Python's handler first: a terminal's foreground job has it at its default, but a
+# test run started in the background (`nohup make test &`) hands it on ignored, and Python leaves an
+# ignored SIGINT ignored, so Ctrl-C would find a CLI that cannot hear it.
 HARNESS = """
-import os, sys, time
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import audiosearch.decode_pool as pool
 real = pool.decode_into
 def slow(path, write):
