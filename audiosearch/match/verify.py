@@ -114,7 +114,7 @@ def _consistent_counts(fp: np.ndarray, lag: np.ndarray) -> tuple[np.ndarray, np.
     return files, np.maximum.reduceat(pair, starts)
 
 
-PLAUSIBLE_TABLE_BITS = 20  # cells of the hashed count in `plausible` (8 MiB of counts)
+PLAUSIBLE_TABLE_BITS = 20  # at most this many cells (2**20) in the hashed count of `plausible` (8 MiB of counts)
 _CELL_HASH = 0x9E3779B1  # odd: spreads consecutive ordinals over the table; cell + 1 stays the next lag bin
 
 
@@ -129,7 +129,8 @@ def plausible(group: np.ndarray, lag: np.ndarray, min_count: int) -> np.ndarray:
     are unpacked, sorted or counted exactly. `group` is any integer that tells files apart
     (a run's ordinals).
     """
-    mask = (1 << PLAUSIBLE_TABLE_BITS) - 1
+    bits = min(PLAUSIBLE_TABLE_BITS, max(10, int(len(group)).bit_length() + 1))  # ~2 cells a collision: cheap when few
+    mask = (1 << bits) - 1
     group = group.astype(np.uint32, copy=False)  # 32-bit products wrap, but keep their low bits: all the cell needs
     cell = (group * np.uint32(_CELL_HASH) + np.floor(lag / CANDIDATE_BIN).astype(np.int32).view(np.uint32)) & np.uint32(mask)
     counts = np.bincount(cell, minlength=mask + 1)
