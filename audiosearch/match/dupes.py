@@ -172,16 +172,7 @@ class RareKeys:
         self.inner, self.max_bucket = lookup, max_bucket
 
     def lookup(self, probe_keys: np.ndarray, keep: Keep | None = None) -> tuple[np.ndarray, np.ndarray]:
-        probe_keys = np.asarray(probe_keys, dtype=np.uint32)
-        unique, inverse = np.unique(probe_keys, return_inverse=True)  # sorted: cache-friendly binary searches
-        held = np.zeros(len(unique), dtype=np.int64)
-        for run in self.inner.runs:
-            lo, hi = run.ranges(unique)
-            held += hi - lo
-        rare = np.nonzero((held <= self.max_bucket)[inverse.reshape(-1)])[0]
-        inner_keep = None if keep is None else lambda probe, ordinal, ms: keep(rare[probe], ordinal, ms)
-        probe, entries = self.inner.lookup(probe_keys[rare], inner_keep)
-        return rare[probe], entries
+        return self.inner.lookup(probe_keys, keep, max_held=self.max_bucket)
 
 
 def candidates(lookup: PrintLookup | RareKeys, fp_id: int, fp: Fingerprint) -> list[int]:

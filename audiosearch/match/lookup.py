@@ -164,19 +164,27 @@ class PrintLookup:
                 "fingerprints": int(len(self.covered())), "generation": self.generation}
 
     # -- lookups -----------------------------------------------------------------
-    def lookup(self, probe_keys: np.ndarray, keep: Keep | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def lookup(self, probe_keys: np.ndarray, keep: Keep | None = None, *,
+               max_held: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Entries stored under each probe key: (probe index, entry) pairs, masked fingerprints left out.
 
-        `keep(probe, ordinal, ms)` says which of a run's collisions to unpack (see Run.places): at
-        10,000 hours a 10 s clip meets ~2 M chance collisions, and unpacking them all cost more than
-        finding them.
+        A key is not probed in a run where it holds more than MAX_BUCKET entries, nor at all where
+        the runs together hold more than `max_held`. `keep(probe, ordinal, ms)` says which of a
+        run's collisions to unpack (see Run.places): at 10,000 hours a 10 s clip meets ~2 M chance
+        collisions, and unpacking them all cost more than finding them.
         """
         probe_keys = np.asarray(probe_keys, dtype=np.uint32)
+        unique, inverse = np.unique(probe_keys, return_inverse=True)  # each key searched once, in order
+        inverse = inverse.reshape(-1)
+        spans = [run.ranges(unique) for run in self.runs]
+        held = sum((hi - lo for lo, hi in spans), np.zeros(len(unique), np.int64))
         found_probe, found_entries = [], []
-        for run in self.runs:
-            lo, hi = run.ranges(probe_keys)
+        for run, (lo, hi) in zip(self.runs, spans):
             count = hi - lo
             count[count > MAX_BUCKET] = 0
+            if max_held is not None:
+                count[held > max_held] = 0
+            lo, count = lo[inverse], count[inverse]
             total = int(count.sum())
             if total == 0:
                 continue
