@@ -11,6 +11,7 @@ import difflib
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -267,12 +268,16 @@ def _query_one(collection: Collection, index, net: "Model", matcher: Matcher | N
     from .embedder import Embedder  # torch, like Model
 
     duplicates: list[Match] = []
-    if matcher is not None:
-        duplicates = matcher.match_samples(audio.samples, min_seconds=min_match_seconds, limit=k)
-        watch.lap("match fingerprints")
     follow = None if progress is None else (lambda _, new, done, total: progress.update(clip, done, total))
-    segments = Embedder(net, workers=0, batch_size=8).embed_audio(audio, on_segments=follow)
-    watch.lap("embed")
+    with ThreadPoolExecutor(1) as beside:  # the fingerprint match runs while the model embeds
+        matching = beside.submit(_timed, matcher.align_samples, audio.samples) if matcher is not None else None
+        segments = Embedder(net, workers=0, batch_size=8).embed_audio(audio, on_segments=follow)
+        watch.lap("embed")
+        if matching is not None:
+            alignments, seconds = matching.result()
+            watch.laps["match fingerprints (beside the model)"] = seconds
+            watch.lap("wait for the fingerprint match")
+            duplicates = matcher.resolve(alignments, min_seconds=min_match_seconds, limit=k)
     scores = np.max([s.scores for s in segments], axis=0)
     source = ("--label" if names else "top label") if filter else None
     names = names or ([net.id2label[int(np.argmax(scores))]] if filter else [])
@@ -386,6 +391,12 @@ def _hits(collection, best: dict[int, float], k: int, per_file: bool) -> list[Hi
         Hit(rank, best[i], info[i][1], info[i][2], info[i][3], labels.get(i, []), i, info[i][0])
         for rank, i in enumerate(chosen, start=1)
     ]
+
+
+def _timed(fn, *args):
+    """fn(*args) and the seconds it took."""
+    start = time.perf_counter()
+    return fn(*args), time.perf_counter() - start
 
 
 class _Stopwatch:

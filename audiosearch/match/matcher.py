@@ -95,8 +95,15 @@ class Matcher:
         `min_seconds` drops matches covering less of the query; `exclude_file` leaves out one
         library file (a file matched against its own index).
         """
-        return self.resolve(match_fingerprint(self.lookup, fingerprint(samples, SAMPLE_RATE, density=QUERY_DENSITY)),
-                            min_seconds=min_seconds, limit=limit, exclude_file=exclude_file)
+        return self.resolve(self.align_samples(samples), min_seconds=min_seconds, limit=limit, exclude_file=exclude_file)
+
+    def align_samples(self, samples: np.ndarray) -> list[Alignment]:
+        """Verified alignments (by fingerprint id) of mono samples at the model's rate, best first.
+
+        Reads only the lookup, never SQLite, so it may run on another thread (a query runs it
+        beside the model); `resolve` then names the files, on the collection's own thread.
+        """
+        return match_fingerprint(self.lookup, fingerprint(samples, SAMPLE_RATE, density=QUERY_DENSITY))
 
     def resolve(self, alignments: list[Alignment], *, min_seconds: float = 0.0, limit: int | None = None,
                 exclude_file: int | None = None) -> list[Match]:

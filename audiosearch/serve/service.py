@@ -15,6 +15,7 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -99,21 +100,23 @@ class Service:
         """Search with an uploaded clip, saved at `data_path` (the client's file `name` is shown, never opened)."""
         if data_path.stat().st_size == 0:
             raise AudioDecodeError(f"the upload {name} is empty (0 bytes)")
+        started = time.perf_counter()
         try:
             audio = self._decode(data_path, self.limits.decode_seconds)
         except AudioDecodeError as e:
             raise AudioDecodeError(f"the upload {name} is {e}") from e
-        return self._search(audio, name, options)
+        return self._search(audio, name, options, decoded_in=time.perf_counter() - started)
 
     def query_file(self, file_id: int, **options) -> dict:
         """Search with a library file, as `audiosearch query PATH` would."""
         row = self._file(file_id)
         with self._checked_fd(row):
             pass
+        started = time.perf_counter()
         audio = self._decode(Path(row.path), self.limits.library_decode_seconds)
-        return self._search(audio, row.path, options)
+        return self._search(audio, row.path, options, decoded_in=time.perf_counter() - started)
 
-    def _search(self, audio: Audio, name: str, options: dict) -> dict:
+    def _search(self, audio: Audio, name: str, options: dict, decoded_in: float) -> dict:
         if audio.duration > self.limits.clip_seconds:
             raise TooLarge(f"{name} is {audio.duration:.0f} s long; the server searches with clips of up to "
                            f"{self.limits.clip_seconds:g} s (cut it shorter)")
@@ -122,7 +125,8 @@ class Service:
         result = self._model_thread.submit(self.searcher.query, audio, name=name, **options).result()
         out = result.to_dict()
         out["query_duration"] = round(audio.duration, 3)
-        out["timings_ms"] = {stage: round(s * 1000, 2) for stage, s in result.timings.items()}
+        timings = {"decode": decoded_in, **result.timings}
+        out["timings_ms"] = {stage: round(s * 1000, 2) for stage, s in timings.items()}
         return out
 
     # -- decoding, in worker processes -----------------------------------------
