@@ -301,9 +301,31 @@ def test_decoder_time_limit_kills_only_its_worker(tmp_path, serve_library):
 
 def test_openapi_documents_the_api(client):
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/api/query", "/api/files/{file_id}/audio", "/api/labels", "/api/info", "/api/library"} <= set(paths)
+    assert {"/api/query", "/api/files/{file_id}/audio", "/api/labels", "/api/info", "/api/library",
+            "/api/dupes"} <= set(paths)
     assert client.get("/docs").status_code == 200
-    assert client.get("/api/dupes").status_code == 501
+
+
+def test_dupes_report_names_a_copy_and_the_file_to_keep(tiny_model, tmp_path):
+    library, index = tmp_path / "lib", tmp_path / "idx"
+    tune = syn.melody(20, seed=8)
+    write(library / "take.wav", tune, 16000)
+    write(library / "copy" / "take_louder.flac", 0.5 * tune, 16000, format="FLAC")
+    write(library / "other.wav", syn.melody(20, seed=9), 16000)
+    CliRunner().invoke(cli_app, ["ingest", str(library), "--index", str(index), "--model", str(tiny_model)])
+    svc = Service(index, model=str(tiny_model), limits=LIMITS)
+    try:
+        with TestClient(create_app(svc), base_url=BASE) as c:
+            report = c.get("/api/dupes").json()
+            assert c.get("/api/dupes", params={"kind": "partial"}).json()["groups"] == []
+            bad = c.get("/api/dupes", params={"kind": "nearly"})
+    finally:
+        svc.close()
+    [group] = report["groups"]
+    paths = sorted(Path(f["path"]).name for f in group["files"])
+    assert paths == ["take.wav", "take_louder.flac"] and group["pairs"][0]["kind"] == "whole"
+    assert Path(group["keep"]).name in paths and group["reason"]
+    assert bad.status_code == 400 and "nearly" in bad.json()["error"]
 
 
 def test_upload_without_a_length_is_cut_off_at_the_limit(client):

@@ -206,10 +206,15 @@ def _api(app: FastAPI, service: Service) -> None:
     def waveform(file_id: int, bins: Annotated[int, Query(ge=16, le=2000)] = 400) -> dict:
         return service.waveform(file_id, bins)
 
-    @app.get("/api/dupes", summary="The library's duplicates report (not yet: issue #13)")
-    def dupes() -> Response:
-        # Hook for the dupes report (#13): serve its JSON here once the library has it.
-        return _error(501, "the duplicates report is not part of this version yet")
+    @app.get("/api/dupes", summary="Groups of files that hold the same audio: what `audiosearch dupes --json` prints")
+    def dupes(
+        min_seconds: Annotated[float, Query(ge=0, description="Shortest shared passage reported.")] = 0.0,
+        kind: Annotated[Optional[list[str]], Query(description="whole, contained or partial (repeatable).")] = None,
+        label: Annotated[Optional[list[str]], Query(description="Only files carrying this label (repeatable).")] = None,
+        similar: Annotated[Optional[float], Query(ge=-1, le=1, description="Also pairs this close by embedding, "
+                                                  "not verified as the same recording.")] = None,
+    ) -> dict:
+        return service.dupes(min_seconds=min_seconds, kinds=kind, labels=label, similar=similar)
 
 
 def _shown_name(filename: str | None) -> str:

@@ -76,6 +76,7 @@ class Service:
         self._peaks: OrderedDict[tuple, dict] = OrderedDict()
         self._peaks_lock = threading.Lock()
         self._transcode_locks: dict[int, threading.Lock] = {}
+        self._dupes_lock = threading.Lock()
         self.cache = Path(tempfile.mkdtemp(prefix="audiosearch-serve-"))
         try:
             self.searcher: Searcher = self._model_thread.submit(
@@ -128,6 +129,23 @@ class Service:
         timings = {"decode": decoded_in, **result.timings}
         out["timings_ms"] = {stage: round(s * 1000, 2) for stage, s in timings.items()}
         return out
+
+    def dupes(self, *, min_seconds: float = 0.0, kinds: list[str] | None = None, labels: list[str] | None = None,
+              similar: float | None = None) -> dict:
+        """The library's duplicate report, as `audiosearch dupes --json` prints it.
+
+        Files new since the last report are matched first (the pairs are kept in the index), so
+        the first call on a big library takes as long as `audiosearch dupes` does; one at a time.
+        """
+        from ..match.dupes import find_dupes
+
+        with self._dupes_lock:
+            try:
+                report = find_dupes(self.index_dir, min_seconds=min_seconds, kinds=kinds, labels=labels,
+                                    similar=similar)
+            except ValueError as e:  # an unknown kind
+                raise AudiosearchError(str(e)) from e
+        return report.to_dict()
 
     # -- decoding, in worker processes -----------------------------------------
     def _decode(self, path: Path, timeout: float) -> Audio:
