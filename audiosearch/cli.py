@@ -287,7 +287,13 @@ def scan(
     recording: Annotated[Path, typer.Argument(metavar="RECORDING", help="A long audio file to search through.")],
     min_seconds: Annotated[float, typer.Option("--min-seconds", min=0.0, metavar="SECONDS",
                                                help="Shortest occurrence to report.")] = 0.0,
+    similar: Annotated[Optional[int], typer.Option("--similar", min=1, max=100, metavar="K", help="Also, for each "
+                       "10.24 s segment with no occurrence, the K library sounds nearest to it by embedding (loads "
+                       "the model).")] = None,
     index: IndexOpt = DEFAULT_INDEX,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
     as_json: JsonOpt = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print comma-separated rows (header first).")] = False,
 ) -> None:
@@ -295,7 +301,8 @@ def scan(
 
     Each occurrence gives the recording's range, the library file and its range,
     the speed and pitch factors and a score. The recording is streamed (memory
-    stays flat however long it is); no model is loaded.
+    stays flat however long it is); no model is loaded unless --similar asks
+    what the rest of the recording sounds like.
 
     \b
     Example:
@@ -305,7 +312,8 @@ def scan(
     from .render import ScanBar, print_scan, print_scan_csv
 
     with ScanBar(err, enabled=err.is_terminal and not (as_json or as_csv)) as bar:
-        result = run_scan(recording, index_dir=index, min_seconds=min_seconds, progress=bar)
+        result = run_scan(recording, index_dir=index, min_seconds=min_seconds, similar=similar, model=model,
+                          device=device, precision=precision, progress=bar)
     _emit(result, as_json=as_json, as_csv=as_csv, table=print_scan, csv=print_scan_csv)
 
 

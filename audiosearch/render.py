@@ -462,21 +462,30 @@ class ScanBar(_Bar):
 
     def __init__(self, console: Console, *, enabled: bool = True):
         super().__init__(
-            console, TextColumn("[bold]scan"), BarColumn(bar_width=16), TextColumn("{task.fields[done]}"),
+            console, TextColumn("[bold]{task.description}"), BarColumn(bar_width=16), TextColumn("{task.fields[done]}"),
             TextColumn("{task.fields[found]} found, {task.fields[rate]:.0f}x"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), enabled=enabled, transient=False,
         )
+        self.similar_task = None
 
     def start(self, seconds: float | None) -> None:
         self.task = self.progress.add_task("scan", total=seconds, done="", found=0, rate=0.0)
 
     def update(self, seconds: float, found: int) -> None:
-        elapsed = self.progress.tasks[0].elapsed or 1e-9
-        total = self.progress.tasks[0].total
-        if total is not None and seconds > total:  # the header's estimate was short
-            self.progress.update(self.task, total=seconds)
-        self.progress.update(self.task, completed=seconds, done=clock(seconds).split(".")[0], found=found,
-                             rate=seconds / elapsed)
+        self._advance(self.task, seconds, found)
+
+    def similar(self, seconds: float, total: float | None, found: int) -> None:
+        """The second pass (`--similar`): recording time embedded, segments listed."""
+        if self.similar_task is None:
+            self.similar_task = self.progress.add_task("similar", total=total, done="", found=0, rate=0.0)
+        self._advance(self.similar_task, seconds, found)
+
+    def _advance(self, task, seconds: float, found: int) -> None:
+        state = next(t for t in self.progress.tasks if t.id == task)
+        if state.total is not None and seconds > state.total:  # the header's estimate was short
+            self.progress.update(task, total=seconds)
+        self.progress.update(task, completed=seconds, done=clock(seconds).split(".")[0], found=found,
+                             rate=seconds / (state.elapsed or 1e-9))
 
 
 SCAN_COLUMNS = ["start", "end", "path", "file start", "file end", "speed", "pitch", "score"]
@@ -501,6 +510,22 @@ def print_scan(console: Console, result) -> None:
     if result.occurrences:
         piped = not console.is_terminal
         print_rows(console, SCAN_COLUMNS, [scan_row(o, piped=piped) for o in result.occurrences], shorten=2)
+    if result.similar is not None:
+        rows = [row for s in result.similar for row in similar_rows(s)]
+        if console.is_terminal:
+            console.print(f"\nsimilar, not the same recording: {plural(len(result.similar), 'segment')} "
+                          "with no occurrence", highlight=False)
+        if rows or not console.is_terminal:  # piped: the header even with no rows, as a second table
+            print_rows(console, SIMILAR_COLUMNS, rows, shorten=3)
+
+
+SIMILAR_COLUMNS = ["start", "end", "rank", "path", "similarity", "labels"]
+
+
+def similar_rows(stretch) -> list[list[str]]:
+    """A segment of a scanned recording and the library sounds like it, one row each."""
+    return [[f"{stretch.start:.2f}", f"{stretch.end:.2f}", str(h.rank), shown_path(h.path), f"{h.similarity:.4f}",
+             ", ".join(name for name, _ in h.labels[:3])] for h in stretch.hits]
 
 
 def print_scan_csv(result) -> None:
@@ -512,6 +537,11 @@ def print_scan_csv(result) -> None:
     for o in result.occurrences:
         writer.writerow([f"{o.start:.3f}", f"{o.end:.3f}", o.path, f"{o.file_start:.3f}", f"{o.file_end:.3f}",
                          f"{o.speed:.4f}", f"{o.pitch:.4f}", f"{o.score:.3f}", o.inliers])
+    if result.similar is not None:  # a second table after a blank line: one row per similar library sound
+        writer.writerow([])
+        writer.writerow(SIMILAR_COLUMNS)
+        for stretch in result.similar:
+            writer.writerows(similar_rows(stretch))
 
 
 class QueryBar(_Bar):

@@ -117,6 +117,22 @@ def test_scan_table_csv_and_min_seconds(scan_setup, monkeypatch):
     assert {Path(o["path"]).name for o in longer} == {"bursts.wav", "long_melody.wav"}
 
 
+def test_scan_similar_lists_library_sounds_for_every_segment_without_an_occurrence(scan_setup):
+    index, recording, _ = scan_setup
+    data = json.loads(run("scan", recording, "--index", index, "--json", "--similar", "2"))
+    spans = [(o["start"], o["end"]) for o in data["occurrences"]]
+    free = [n * 10.24 for n in range(10) if not any(a < min(100, (n + 1) * 10.24) and b > n * 10.24 for a, b in spans)]
+    assert 0 < len(free) < 10
+    assert [s["start"] for s in data["similar"]] == pytest.approx(free)
+    for stretch in data["similar"]:
+        assert 1 <= len(stretch["hits"]) <= 2 and stretch["labels"]
+        assert all(h["match"] == {"kind": "similar"} for h in stretch["hits"])
+    assert "similar" not in json.loads(run("scan", recording, "--index", index, "--json"))
+    piped = run("scan", recording, "--index", index, "--similar", "1").strip().splitlines()
+    header = piped.index("\t".join(["start", "end", "rank", "path", "similarity", "labels"]))
+    assert len(piped) - header - 1 == len(data["similar"])
+
+
 def test_scan_of_unrelated_audio_finds_nothing(scan_setup, tmp_path):
     index, _, _ = scan_setup
     clip = write(tmp_path / "other.wav", 0.5 * syn.melody(40, seed=123) + syn.noise(40, seed=4, amp=0.05), RATE)

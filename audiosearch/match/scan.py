@@ -13,6 +13,12 @@ Where an occurrence reaches within SNAP_SECONDS of its file's start or end, its
 range is extended along the fitted line to that edge: the first and last peaks of a
 sound lie a little inside it, and a whole file planted in a recording should be
 reported whole.
+
+With `similar`, a second pass (the recording streamed again) embeds every model
+segment (SEGMENT_SECONDS) that no occurrence overlaps and lists the library sounds
+nearest to it, filtered by its top label as `query` does: what the recording holds
+that is like the library without being the same recording. Only this pass loads the
+model.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..audio import SAMPLE_RATE, open_stream
+from ..audio import SAMPLE_RATE, SEGMENT_SECONDS, Audio, open_stream
 from ..errors import AudioDecodeError
 from .fingerprint import BANDS_PER_OCTAVE, QUERY_DENSITY, Fingerprint, fingerprint
 from .matcher import Matcher, match_fingerprint
@@ -70,6 +76,21 @@ class Occurrence:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
+@dataclass(frozen=True)
+class SimilarStretch:
+    """A segment of the recording that holds no library audio, and the library sounds nearest to it."""
+
+    start: float
+    end: float
+    labels: list[tuple[str, float]]  # the segment's own top predictions
+    hits: list  # query.Hit, all "similar"
+
+    def to_dict(self) -> dict:
+        return {"start": round(self.start, 3), "end": round(self.end, 3),
+                "labels": [{"label": name, "score": round(score, 4)} for name, score in self.labels],
+                "hits": [h.to_dict() for h in self.hits]}
+
+
 FORMAT_VERSION = 1  # of ScanResult.to_dict(), the `scan --json` object (README: "scan")
 
 
@@ -80,6 +101,7 @@ class ScanResult:
     occurrences: list[Occurrence] = field(default_factory=list)
     windows: int = 0
     timings: dict[str, float] = field(default_factory=dict)  # CPU-free wall seconds per stage
+    similar: list[SimilarStretch] | None = None  # with `similar` only
 
     @property
     def realtime(self) -> float:
@@ -88,42 +110,89 @@ class ScanResult:
         return self.duration / work if work else math.inf
 
     def to_dict(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "recording": self.recording, "duration": round(self.duration, 3),
-                "windows": self.windows, "occurrences": [o.to_dict() for o in self.occurrences],
-                "timings": {k: round(v, 4) for k, v in self.timings.items()}}
+        out = {"format_version": FORMAT_VERSION, "recording": self.recording, "duration": round(self.duration, 3),
+               "windows": self.windows, "occurrences": [o.to_dict() for o in self.occurrences],
+               "timings": {k: round(v, 4) for k, v in self.timings.items()}}
+        if self.similar is not None:
+            out["similar"] = [s.to_dict() for s in self.similar]
+        return out
 
 
 class ScanProgress(Protocol):
     def start(self, seconds: float | None) -> None: ...
     def update(self, seconds: float, found: int) -> None: ...
+    def similar(self, seconds: float, total: float | None, found: int) -> None: ...  # the --similar pass
 
 
-def scan(recording: str | Path, *, index_dir: str | Path, min_seconds: float = 0.0,
+def scan(recording: str | Path, *, index_dir: str | Path, min_seconds: float = 0.0, similar: int | None = None,
+         model: str | None = None, device: str = "auto", precision: str = "auto",
          progress: ScanProgress | None = None) -> ScanResult:
     """Occurrences of the index's files in `recording`, in recording order (see module doc).
 
-    `min_seconds` drops occurrences shorter than that (recording seconds).
+    `min_seconds` drops occurrences shorter than that (recording seconds). `similar`: also the
+    `similar` nearest library sounds of each segment that holds no occurrence (loads the model:
+    `model`, `device`, `precision` as for `query`).
     """
     path = Path(recording)
     if path.is_dir():
         raise AudioDecodeError(f"{path} is a folder, not a recording; scan one audio file")
     if not path.exists():
         raise AudioDecodeError(f"no such file: {path}")
-    with Matcher.open(index_dir) as matcher:
-        try:
-            stream = open_stream(path)
-        except AudioDecodeError as e:
-            raise AudioDecodeError(f"{path} is {e}") from e
-        with stream:
-            if progress:
-                progress.start(stream.duration)
-            result = ScanResult(str(path), 0.0)
-            try:
-                result.occurrences = scan_blocks(matcher, stream, result, min_seconds=min_seconds,
-                                                 progress=progress)
-            except AudioDecodeError as e:
-                raise AudioDecodeError(f"{path} is {e}") from e
+    searcher = None
+    if similar is not None:
+        from ..query import Searcher  # checks the index holds segments before anything is decoded
+
+        searcher = Searcher(index_dir, model=model, device=device, precision=precision, fingerprints=False)
+    try:
+        with Matcher.open(index_dir) as matcher:
+            with _opened(path) as stream:
+                if progress:
+                    progress.start(stream.duration)
+                result = ScanResult(str(path), 0.0)
+                result.occurrences = _decoding(path, lambda: scan_blocks(
+                    matcher, stream, result, min_seconds=min_seconds, progress=progress))
+        if searcher is not None:
+            started = time.perf_counter()
+            with _opened(path) as stream:
+                result.similar = _decoding(path, lambda: similar_stretches(
+                    searcher, stream, result.occurrences, k=similar, progress=progress, total=result.duration))
+            result.timings["similar"] = time.perf_counter() - started
+    finally:
+        if searcher is not None:
+            searcher.close()
     return result
+
+
+def _opened(path: Path):
+    try:
+        return open_stream(path)
+    except AudioDecodeError as e:
+        raise AudioDecodeError(f"{path} is {e}") from e
+
+
+def _decoding(path: Path, work):
+    try:
+        return work()
+    except AudioDecodeError as e:
+        raise AudioDecodeError(f"{path} is {e}") from e
+
+
+def similar_stretches(searcher, blocks: Iterable[np.ndarray], occurrences: list[Occurrence], *, k: int = 3,
+                      progress: ScanProgress | None = None, total: float | None = None) -> list[SimilarStretch]:
+    """The `k` library sounds nearest (by embedding, filtered by the segment's top label) to each
+    SEGMENT_SECONDS segment of the stream that no occurrence overlaps; silent segments are left out."""
+    covered = sorted((o.start, o.end) for o in occurrences)
+    out = []
+    for start, samples in windows(blocks, SEGMENT_SECONDS, SEGMENT_SECONDS):
+        end = start + len(samples) / SAMPLE_RATE
+        if not any(a < end and b > start for a, b in covered) and np.any(samples):
+            found = searcher.query(Audio(np.ascontiguousarray(samples), SAMPLE_RATE, 1), k=k, kinds="similar",
+                                   name=f"the recording at {start:.2f} s")
+            out.append(SimilarStretch(start, end, found.query_labels, found.hits))
+        if progress:
+            progress.similar(end, total, len(out))
+    return out
+
 
 
 def scan_blocks(matcher: Matcher, blocks: Iterable[np.ndarray], result: ScanResult | None = None, *,
