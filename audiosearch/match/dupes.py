@@ -46,6 +46,10 @@ MIN_COVERED_SECONDS = 6  # seconds of a long file in which aligned triplets star
 # notes of one tune recurring transposed in another; measured on generated music, benchmarks/dupes.py)
 DISCOVER_INLIERS = 10  # collisions (through rare keys) a file needs before the lookup's answer is verified
 DISCOVER_BUCKET = 32  # see RareKeys: the smallest bucket cap, for libraries under ~800 files
+# The pre-filter's table (verify.plausible) for discovery: a library of similar music gives a window
+# ~1.4 M collisions at 1,000 h, many at consistent lags; 4 M cells let through 15 % of them, 1 M
+# cells 44 % (370 -> 208 ms CPU a file there). A query clip's collisions are chance ones: 1 M is best.
+DISCOVER_TABLE_BITS = 22
 FILES_PER_BUCKET_ENTRY = 24  # above that the cap grows with the library (files / 24): buckets fill as it grows
 EDGE_SECONDS, EDGE_SHARE = 1.0, 0.05  # a match this close to a file's first and last peak covers all of it
 WINDOW_SECONDS, WINDOW_STEP = 20.0, 12.0  # a long file is proposed pairs window by window (see `candidates`)
@@ -185,7 +189,8 @@ def candidates(lookup: PrintLookup | RareKeys, fp_id: int, fp: Fingerprint) -> l
     """
     found: set[int] = set()
     for part in _windows(fp):
-        for a in match_fingerprint(lookup, part, near=NEAR, far=FAR, min_score=0.0, min_inliers=DISCOVER_INLIERS):
+        for a in match_fingerprint(lookup, part, near=NEAR, far=FAR, min_score=0.0, min_inliers=DISCOVER_INLIERS,
+                                   table_bits=DISCOVER_TABLE_BITS):
             if a.fp_id != fp_id and dense_enough(a, part):
                 found.add(a.fp_id)
     return sorted(found)

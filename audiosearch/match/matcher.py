@@ -12,7 +12,7 @@ from ..collection import Collection
 from ..errors import AudioDecodeError
 from .fingerprint import QUERY_DENSITY, QUERY_FAR, QUERY_NEAR, QUERY_WIDEN, Fingerprint, fingerprint, query_keys, triplets
 from .lookup import PrintLookup
-from .verify import MIN_INLIERS, MIN_SCORE, Alignment, align, plausible
+from .verify import MIN_INLIERS, MIN_SCORE, PLAUSIBLE_TABLE_BITS, Alignment, align, plausible
 
 
 @dataclass(frozen=True)
@@ -126,11 +126,12 @@ class Matcher:
 
 def match_fingerprint(lookup: PrintLookup, fp: Fingerprint, *, min_inliers: int = MIN_INLIERS,
                       min_score: float = MIN_SCORE, near: int = QUERY_NEAR, far: int = QUERY_FAR,
-                      widen: float = QUERY_WIDEN) -> list[Alignment]:
+                      widen: float = QUERY_WIDEN, table_bits: int = PLAUSIBLE_TABLE_BITS) -> list[Alignment]:
     """Verified alignments of a (query-density) fingerprint in a lookup index, best first.
 
     `near`, `far` and `widen` set the query's triplets: a stored (library-density) fingerprint
     matched against its own index (match.dupes) uses the library's, which are the same triplets.
+    `table_bits` sizes the pre-filter's table (see verify.plausible).
     """
     tr = triplets(fp, near, far, widen)
     if len(tr) == 0:
@@ -140,7 +141,7 @@ def match_fingerprint(lookup: PrintLookup, fp: Fingerprint, *, min_inliers: int 
     probe_times = tr.t1[rows]
 
     def candidates_only(probe: np.ndarray, ordinal: np.ndarray, ms: np.ndarray) -> np.ndarray:
-        return plausible(ordinal, ms / 1000.0 - np.take(probe_times, probe), least)  # the lag `align` bins
+        return plausible(ordinal, ms / 1000.0 - np.take(probe_times, probe), least, table_bits)  # the lag `align` bins
 
     probe, entries = lookup.lookup(probe_keys, keep=candidates_only)
     bin_seconds = SHORT_BIN if fp.short else 1.0  # a clip under 2 s is scored by 50 ms, not by the second

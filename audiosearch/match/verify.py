@@ -114,11 +114,11 @@ def _consistent_counts(fp: np.ndarray, lag: np.ndarray) -> tuple[np.ndarray, np.
     return files, np.maximum.reduceat(pair, starts)
 
 
-PLAUSIBLE_TABLE_BITS = 20  # at most this many cells (2**20) in the hashed count of `plausible` (8 MiB of counts)
+PLAUSIBLE_TABLE_BITS = 20  # at most this many cells in the hashed count of `plausible` (a 2 MiB table)
 _CELL_HASH = 0x9E3779B1  # odd: spreads consecutive ordinals over the table; cell + 1 stays the next lag bin
 
 
-def plausible(group: np.ndarray, lag: np.ndarray, min_count: int) -> np.ndarray:
+def plausible(group: np.ndarray, lag: np.ndarray, min_count: int, max_bits: int = PLAUSIBLE_TABLE_BITS) -> np.ndarray:
     """Which collisions belong to a group (file) that could become a candidate in `align`.
 
     A candidate needs `min_count` collisions within two neighbouring CANDIDATE_BINs of lag
@@ -127,14 +127,17 @@ def plausible(group: np.ndarray, lag: np.ndarray, min_count: int) -> np.ndarray:
     whatever its lag, because `_verify` reads them all. At 10,000 hours nearly all of a clip's
     ~2 M collisions are chance ones, spread over a million files: they are dropped before they
     are unpacked, sorted or counted exactly. `group` is any integer that tells files apart
-    (a run's ordinals).
+    (a run's ordinals). The table has about 2 cells a collision, up to 2**max_bits: a bigger one
+    costs more to fill and read but lets fewer files through by sharing a cell with a candidate.
     """
-    bits = min(PLAUSIBLE_TABLE_BITS, max(10, int(len(group)).bit_length() + 1))  # ~2 cells a collision: cheap when few
+    bits = min(max_bits, max(10, int(len(group)).bit_length() + 1))
     mask = (1 << bits) - 1
     group = group.astype(np.uint32, copy=False)  # 32-bit products wrap, but keep their low bits: all the cell needs
     cell = (group * np.uint32(_CELL_HASH) + np.floor(lag / CANDIDATE_BIN).astype(np.int32).view(np.uint32)) & np.uint32(mask)
-    counts = np.bincount(cell, minlength=mask + 1)
-    enough = counts + np.maximum(np.roll(counts, 1), np.roll(counts, -1)) >= min_count  # per cell, with either neighbour
+    # capped at min_count (enough is enough) in 16 bits: the sums below then stay small, and cheap to make
+    counts = np.minimum(np.bincount(cell, minlength=mask + 1), min_count).astype(np.uint16)
+    wrapped = np.concatenate([counts[-1:], counts, counts[:1]])  # cell - 1 and cell + 1 wrap, as the hash does
+    enough = counts + np.maximum(wrapped[:-2], wrapped[2:]) >= min_count  # per cell, with either neighbour
     groups = np.zeros(mask + 1, dtype=bool)
     groups[group[np.take(enough, cell)] & np.uint32(mask)] = True
     return np.take(groups, group & np.uint32(mask))  # take, not [...]: 5x faster from a table this size
