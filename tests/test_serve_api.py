@@ -319,6 +319,11 @@ def test_dupes_report_names_a_copy_and_the_file_to_keep(tiny_model, tmp_path):
             report = c.get("/api/dupes").json()
             assert c.get("/api/dupes", params={"kind": "partial"}).json()["groups"] == []
             bad = c.get("/api/dupes", params={"kind": "nearly"})
+            svc._dupes_lock.acquire()  # another request's report under way: this one is told, not kept waiting
+            try:
+                busy = c.get("/api/dupes")
+            finally:
+                svc._dupes_lock.release()
     finally:
         svc.close()
     [group] = report["groups"]
@@ -326,6 +331,7 @@ def test_dupes_report_names_a_copy_and_the_file_to_keep(tiny_model, tmp_path):
     assert paths == ["take.wav", "take_louder.flac"] and group["pairs"][0]["kind"] == "whole"
     assert Path(group["keep"]).name in paths and group["reason"]
     assert bad.status_code == 400 and "nearly" in bad.json()["error"]
+    assert busy.status_code == 503 and "ask again" in busy.json()["error"]
 
 
 def test_upload_without_a_length_is_cut_off_at_the_limit(client):

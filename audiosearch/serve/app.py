@@ -22,12 +22,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import AudioDecodeError, AudiosearchError, UnknownLabel
 from .media import RangeNotSatisfiable, parse_range
-from .service import FileChanged, NotFound, Service, TooLarge, upload_suffix
+from .service import Busy, FileChanged, NotFound, Service, TooLarge, upload_suffix
 
 TOKEN_COOKIE = "audiosearch_token"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 STATIC = {"app.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
-_STATUS = {NotFound: 404, FileChanged: 409, TooLarge: 413, AudioDecodeError: 400, UnknownLabel: 400}
+_STATUS = {NotFound: 404, FileChanged: 409, TooLarge: 413, AudioDecodeError: 400, UnknownLabel: 400, Busy: 503}
 _MULTIPART_SLACK = 64 << 10  # bytes of form fields and multipart framing allowed beside the upload itself
 
 

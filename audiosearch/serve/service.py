@@ -17,7 +17,8 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,6 +47,10 @@ class Limits:
 
 class NotFound(AudiosearchError):
     """No such file in the index (HTTP 404)."""
+
+
+class Busy(AudiosearchError):
+    """Asked for work that is under way for someone else, or while stopping: ask again later (503)."""
 
 
 class FileChanged(AudiosearchError):
@@ -77,6 +82,7 @@ class Service:
         self._peaks_lock = threading.Lock()
         self._transcode_locks: dict[int, threading.Lock] = {}
         self._dupes_lock = threading.Lock()
+        self._closing = threading.Event()
         self.cache = Path(tempfile.mkdtemp(prefix="audiosearch-serve-"))
         try:
             self.searcher: Searcher = self._model_thread.submit(
@@ -87,6 +93,7 @@ class Service:
 
     def close(self) -> None:
         """Stop the worker threads and decoder processes, drop the transcode cache."""
+        self._closing.set()
         for decoder in self._all_decoders:
             decoder.close()
         self._decode_threads.shutdown(wait=True)
@@ -139,13 +146,31 @@ class Service:
         """
         from ..match.dupes import find_dupes
 
-        with self._dupes_lock:
-            try:
-                report = find_dupes(self.index_dir, min_seconds=min_seconds, kinds=kinds, labels=labels,
-                                    similar=similar)
-            except ValueError as e:  # an unknown kind
-                raise AudiosearchError(str(e)) from e
-        return report.to_dict()
+        if not self._dupes_lock.acquire(blocking=False):  # a request does not wait, holding a thread, for another's
+            raise Busy("the duplicates report is being made for another request; ask again when it is done")
+        try:
+            done: Future = Future()
+
+            def work() -> None:
+                try:
+                    done.set_result(find_dupes(self.index_dir, min_seconds=min_seconds, kinds=kinds, labels=labels,
+                                               similar=similar).to_dict())
+                except BaseException as e:
+                    done.set_exception(e)
+
+            # a daemon thread: a server stopped meanwhile exits at once (the pairs are derived, and SQLite
+            # rolls back what was not committed)
+            threading.Thread(target=work, name="audiosearch-dupes", daemon=True).start()
+            while True:
+                try:
+                    return done.result(timeout=0.5)
+                except FutureTimeout:
+                    if self._closing.is_set():
+                        raise Busy("the server is stopping") from None
+                except ValueError as e:  # an unknown kind
+                    raise AudiosearchError(str(e)) from e
+        finally:
+            self._dupes_lock.release()
 
     # -- decoding, in worker processes -----------------------------------------
     def _decode(self, path: Path, timeout: float) -> Audio:

@@ -73,7 +73,9 @@ function show(result) {
   for (const label of filterLabels) if (!state.chips.includes(label)) state.chips.push(label);
   state.active = new Set(filterLabels);
   drawChips();
-  const took = Object.values(result.timings_ms || {}).reduce((a, b) => a + b, 0);
+  // stages in sequence; one marked "beside the model" overlaps the embedding and is not added
+  const took = Object.entries(result.timings_ms || {}).filter(([stage]) => !stage.includes("beside"))
+    .reduce((a, [, ms]) => a + ms, 0);
   const filtered = filterLabels.length ? ` among ${result.matching_segments} segments labelled ${filterLabels.join(", ")}` : "";
   $("summary").textContent = `${result.hits.length} results (${result.duplicates} duplicates)${filtered} · ${took.toFixed(0)} ms`;
   const list = $("hits");
