@@ -35,8 +35,10 @@ from .fingerprint import KEY_BITS, KEYS_VERSION, VERSION, Fingerprint, keys, tri
 
 MANIFEST = "prints.json"
 RUN_GLOB = "prints-*.run"
-MAGIC = b"ASPRINT3"
-_HEADER = struct.Struct("<8sQQQQ")  # magic, ids, entries, offsets, checksum of the body (xxh64)
+MAGIC = b"ASPRINT4"
+# magic, ids, entries, offsets, checksum (xxh64) of the body, checksum of the fingerprint ids alone: those
+# are checked on every load (a damaged id would send one file's matches to another), the body by doctor
+_HEADER = struct.Struct("<8sQQQQQ")
 DENSE_ENTRIES = 1 << 27  # a run this big keeps a bucket table instead of its keys (see Run): the table (512 MiB) is then smaller
 MAX_RUNS = 8  # more and a sync merges them: each lookup binary-searches every run
 MAX_MASKED = 0.25  # merge when this share of the covered fingerprints is gone
@@ -199,8 +201,10 @@ class PrintLookup:
         if not found_probe:
             return np.zeros(0, np.int64), np.zeros(0, ENTRY)
         probe, entries = np.concatenate(found_probe), np.concatenate(found_entries)
+        keep = entries["fp"] != 0  # see unpack
         if self.masked:
-            keep = ~np.isin(entries["fp"], np.fromiter(self.masked, np.int64, len(self.masked)))
+            keep &= ~np.isin(entries["fp"], np.fromiter(self.masked, np.int64, len(self.masked)))
+        if not keep.all():
             probe, entries = probe[keep], entries[keep]
         return probe, entries
 
@@ -271,7 +275,7 @@ def merge_runs(runs: list[Run], masked: set[int]) -> Run:
     keys_, entries = [], []
     for r in runs:
         e = r.unpack(np.asarray(r.entries))
-        keep = ~np.isin(e["fp"], gone) if len(gone) else slice(None)
+        keep = (e["fp"] != 0) & ~np.isin(e["fp"], gone)  # 0: a damaged entry (see unpack)
         keys_.append(r.all_keys()[keep])
         entries.append(e[keep])
     return sorted_run(ids, keys_, entries)
@@ -310,7 +314,13 @@ def unpack(packed: np.ndarray, ids: np.ndarray) -> np.ndarray:
     e["span"] = (low & ((1 << _SPAN_BITS) - 1)) * TIME_STEP_MS
     e["band"] = (((low >> _SPAN_BITS) & ((1 << _BAND_BITS) - 1)) * 128 + BAND_STEPS) // (2 * BAND_STEPS)  # x 64/5
     e["ms"] = _time_ms(low, high)
-    e["fp"] = ids[high >> (_TIME_BITS - _LOW_TIME_BITS)]
+    ordinal = high >> np.uint32(_TIME_BITS - _LOW_TIME_BITS)
+    inside = ordinal < len(ids)
+    if inside.all():
+        e["fp"] = ids[ordinal]
+    else:  # a damaged entry (doctor checks the body; a load does not): fingerprint 0, which no file has
+        e["fp"] = 0
+        e["fp"][inside] = ids[ordinal[inside]]
     return e
 
 
@@ -342,6 +352,7 @@ def save(lookup: PrintLookup, directory: Path) -> None:
             _write_atomic(directory / run.name, _run_bytes(run))
     manifest = {"version": VERSION, "keys": KEYS_VERSION, "generation": lookup.generation, "runs": [r.name for r in lookup.runs],
                 "masked": sorted(lookup.masked)}
+    manifest["checksum"] = _manifest_checksum(manifest)
     _write_atomic(directory / MANIFEST, json.dumps(manifest).encode())
     named = {r.name for r in lookup.runs}
     for path in directory.glob(RUN_GLOB):
@@ -368,10 +379,17 @@ def load(directory: Path, *, verify: bool = False) -> PrintLookup | None:
             raise LookupOutdated(f"{path} holds keys of another audiosearch version (fingerprint "
                                  f"{manifest.get('version')}, keys {manifest.get('keys')}; this one makes "
                                  f"{VERSION}, {KEYS_VERSION})")
-    except (ValueError, KeyError, TypeError) as e:
+        if manifest.get("checksum") != _manifest_checksum(manifest):  # a changed masked id would (un)hide a file
+            raise LookupCorrupt(f"{path} is damaged (checksum mismatch)")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise LookupCorrupt(f"{path} is unreadable ({e})") from e
     runs = [_read_run(directory / name, verify) for name in names]
     return PrintLookup(runs, {int(i) for i in masked}, generation)
+
+
+def _manifest_checksum(manifest: dict) -> int:
+    rest = {k: v for k, v in manifest.items() if k != "checksum"}
+    return xxhash.xxh64(json.dumps(rest, sort_keys=True).encode()).intdigest()
 
 
 def _run_bytes(run: Run) -> list[bytes | memoryview]:
@@ -381,16 +399,19 @@ def _run_bytes(run: Run) -> list[bytes | memoryview]:
     digest = xxhash.xxh64()
     for part in body:
         digest.update(part)
-    return [_HEADER.pack(MAGIC, len(run.ids), len(run.entries), len(offsets), digest.intdigest()), *body]
+    return [_HEADER.pack(MAGIC, len(run.ids), len(run.entries), len(offsets), digest.intdigest(),
+                         xxhash.xxh64(body[0]).intdigest()), *body]
 
 
 def _read_run(path: Path, verify: bool) -> Run:
     try:
         with open(path, "rb") as f:
-            magic, n_ids, n_entries, n_offsets, checksum = _HEADER.unpack(f.read(_HEADER.size))
+            magic, n_ids, n_entries, n_offsets, checksum, ids_checksum = _HEADER.unpack(f.read(_HEADER.size))
         size = path.stat().st_size
     except (OSError, struct.error) as e:
         raise LookupCorrupt(f"{path} is unreadable ({e})") from e
+    if magic != MAGIC and magic.startswith(b"ASPRINT"):
+        raise LookupOutdated(f"{path} was written by another audiosearch version ({magic.decode(errors='replace')})")
     n_keys = 0 if n_offsets else n_entries
     sizes = [8 * n_ids, 4 * n_keys, PACKED.itemsize * n_entries, 8 * n_offsets]
     expected = _HEADER.size + sum(sizes)
@@ -403,6 +424,8 @@ def _read_run(path: Path, verify: bool) -> Run:
         raise LookupCorrupt(f"{path} is damaged (checksum mismatch)")
     ends = np.cumsum(sizes)
     ids, k, e, o = (body[a:b] for a, b in zip([0, *ends[:-1]], ends))
+    if xxhash.xxh64(ids).intdigest() != ids_checksum:
+        raise LookupCorrupt(f"{path} is damaged (its fingerprint ids do not match their checksum)")
     offsets = o.view("<u8") if n_offsets else None
     if offsets is not None and (offsets[-1] != n_entries or (verify and np.any(np.diff(offsets.astype(np.int64)) < 0))):
         raise LookupCorrupt(f"{path} is damaged (bucket table does not match its entries)")
@@ -490,7 +513,8 @@ def _write_synthetic_run(directory: Path, ids: np.ndarray, n: int, rng: np.rando
             digest.update(part)
             f.write(part)
         f.seek(0)
-        f.write(_HEADER.pack(MAGIC, len(ids), total, len(offsets), digest.intdigest()))
+        f.write(_HEADER.pack(MAGIC, len(ids), total, len(offsets), digest.intdigest(),
+                             xxhash.xxh64(ids.astype("<i8").tobytes()).intdigest()))
     os.replace(tmp, directory / name)
     return _read_run(directory / name, verify=False)
 
