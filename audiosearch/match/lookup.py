@@ -124,7 +124,7 @@ class Run:
         """Each entry's fingerprint ordinal in this run and its anchor time in ms: what a
         collision says before it is unpacked (ordinals stand for fingerprints within one run)."""
         low, high = _halves(packed)
-        return high >> np.uint32(_TIME_BITS - _LOW_TIME_BITS), _time_ms(low, high)
+        return _ordinal(high), _time_ms(low, high)
 
     def all_keys(self) -> np.ndarray:
         """Every entry's key (rebuilt from the offsets of a dense run)."""
@@ -314,7 +314,7 @@ def unpack(packed: np.ndarray, ids: np.ndarray) -> np.ndarray:
     e["span"] = (low & ((1 << _SPAN_BITS) - 1)) * TIME_STEP_MS
     e["band"] = (((low >> _SPAN_BITS) & ((1 << _BAND_BITS) - 1)) * 128 + BAND_STEPS) // (2 * BAND_STEPS)  # x 64/5
     e["ms"] = _time_ms(low, high)
-    ordinal = high >> np.uint32(_TIME_BITS - _LOW_TIME_BITS)
+    ordinal = _ordinal(high)
     inside = ordinal < len(ids)
     if inside.all():
         e["fp"] = ids[ordinal]
@@ -330,6 +330,10 @@ _LOW_TIME_BITS = 32 - _SPAN_BITS - _BAND_BITS  # of the time's bits, those in th
 def _halves(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     halves = np.ascontiguousarray(packed, dtype="<u8").view("<u4").reshape(-1, 2)
     return halves[:, 0], halves[:, 1]
+
+
+def _ordinal(high: np.ndarray) -> np.ndarray:
+    return high >> np.uint32(_TIME_BITS - _LOW_TIME_BITS)
 
 
 def _time_ms(low: np.ndarray, high: np.ndarray) -> np.ndarray:

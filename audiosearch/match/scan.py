@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -144,18 +145,16 @@ def scan(recording: str | Path, *, index_dir: str | Path, min_seconds: float = 0
 
         searcher = Searcher(index_dir, model=model, device=device, precision=precision, fingerprints=False)
     try:
-        with Matcher.open(index_dir) as matcher:
-            with _opened(path) as stream:
-                if progress:
-                    progress.start(stream.duration)
-                result = ScanResult(str(path), 0.0)
-                result.occurrences = _decoding(path, lambda: scan_blocks(
-                    matcher, stream, result, min_seconds=min_seconds, progress=progress))
+        with Matcher.open(index_dir) as matcher, _naming(path), open_stream(path) as stream:
+            if progress:
+                progress.start(stream.duration)
+            result = ScanResult(str(path), 0.0)
+            result.occurrences = scan_blocks(matcher, stream, result, min_seconds=min_seconds, progress=progress)
         if searcher is not None:
             started = time.perf_counter()
-            with _opened(path) as stream:
-                result.similar = _decoding(path, lambda: similar_stretches(
-                    searcher, stream, result.occurrences, k=similar, progress=progress, total=result.duration))
+            with _naming(path), open_stream(path) as stream:
+                result.similar = similar_stretches(searcher, stream, result.occurrences, k=similar,
+                                                   progress=progress, total=result.duration)
             result.timings["similar"] = time.perf_counter() - started
     finally:
         if searcher is not None:
@@ -163,16 +162,11 @@ def scan(recording: str | Path, *, index_dir: str | Path, min_seconds: float = 0
     return result
 
 
-def _opened(path: Path):
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """A decoding error inside names the recording: "PATH is not readable audio ..."."""
     try:
-        return open_stream(path)
-    except AudioDecodeError as e:
-        raise AudioDecodeError(f"{path} is {e}") from e
-
-
-def _decoding(path: Path, work):
-    try:
-        return work()
+        yield
     except AudioDecodeError as e:
         raise AudioDecodeError(f"{path} is {e}") from e
 
@@ -192,7 +186,6 @@ def similar_stretches(searcher, blocks: Iterable[np.ndarray], occurrences: list[
         if progress:
             progress.similar(end, total, len(out))
     return out
-
 
 
 def scan_blocks(matcher: Matcher, blocks: Iterable[np.ndarray], result: ScanResult | None = None, *,
