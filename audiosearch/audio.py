@@ -264,17 +264,79 @@ def segment(samples: np.ndarray, hop_seconds: float = SEGMENT_SECONDS) -> list[S
     after a full one is dropped: it is mostly padding and its audio was heard
     by the window before when hop < segment length.
     """
+    cutter = Cutter(hop_seconds)
+    return cutter.feed(samples) + cutter.finish()
+
+
+def segment_count(samples: int, hop_seconds: float = SEGMENT_SECONDS) -> int:
+    """How many segments `segment` cuts from a signal of `samples` samples."""
     hop = max(1, round(hop_seconds * SAMPLE_RATE))
-    n = len(samples)
-    out = []
-    for begin in range(0, max(n, 1), hop):
-        end = min(begin + SEGMENT_SAMPLES, n)
-        if begin > 0 and end - begin < MIN_TAIL_SECONDS * SAMPLE_RATE:
-            break
-        out.append(Segment(begin / SAMPLE_RATE, end / SAMPLE_RATE, samples[begin:end]))
-        if end == n:
-            break
-    return out
+    if samples <= SEGMENT_SAMPLES:
+        return 1
+    full = (samples - SEGMENT_SAMPLES) // hop + 1  # windows that end inside the signal (or at its end)
+    tail = full * hop  # where the first window past them would begin
+    last_full_ends_at_end = (full - 1) * hop + SEGMENT_SAMPLES == samples
+    return full + (not last_full_ends_at_end and samples - tail >= MIN_TAIL_SECONDS * SAMPLE_RATE)
+
+
+class Cutter:
+    """`segment` for a signal that arrives in pieces: the same segments, each as soon as its samples are in.
+
+    A long file reaches the model part by part (decode_pool), so that only a few minutes of
+    it are ever in memory. A segment within one piece is a view of it; only one that straddles
+    two pieces is copied together from both.
+    """
+
+    def __init__(self, hop_seconds: float = SEGMENT_SECONDS):
+        self.hop = max(1, round(hop_seconds * SAMPLE_RATE))
+        self._held = np.empty(0, np.float32)  # the samples from _held_start on that later segments read
+        self._held_start = 0
+        self._next = 0  # where the next segment begins
+        self._at_end = False  # the last segment cut ends where the signal so far ends
+
+    def feed(self, samples: np.ndarray) -> list[Segment]:
+        """The segments that `samples`, the next piece of the signal, complete."""
+        if len(samples):
+            self._at_end = False
+        start = self._held_start + len(self._held)
+        total = start + len(samples)
+        out = []
+        while self._next + SEGMENT_SAMPLES <= total:
+            out.append(self._cut(self._next + SEGMENT_SAMPLES, samples, start))
+        keep = min(self._next, total)
+        if keep >= start:
+            self._held = samples[keep - start:]
+        else:  # the next segment begins in what was held: keep both (less than a segment)
+            self._held = np.concatenate([self._held[keep - self._held_start:], samples])
+        self._held_start = keep
+        return out
+
+    def finish(self) -> list[Segment]:
+        """The trailing segments, by `segment`'s rules for the end of a signal."""
+        n = self._held_start + len(self._held)
+        empty = np.empty(0, np.float32)
+        out = []
+        while not self._at_end:
+            end = min(self._next + SEGMENT_SAMPLES, n)
+            if self._next > 0 and end - self._next < MIN_TAIL_SECONDS * SAMPLE_RATE:
+                break
+            out.append(self._cut(end, empty, n))
+        self._held = empty
+        return out
+
+    def _cut(self, end: int, piece: np.ndarray, piece_start: int) -> Segment:
+        """The segment from _next to `end`, read from the held samples, the new piece, or both."""
+        begin = self._next
+        held = self._held[begin - self._held_start:] if begin < piece_start else None
+        if held is None:
+            samples = piece[begin - piece_start : end - piece_start]
+        elif end <= piece_start:
+            samples = held[: end - begin]
+        else:
+            samples = np.concatenate([held, piece[: end - piece_start]])
+        self._next += self.hop
+        self._at_end = end == piece_start + len(piece)
+        return Segment(begin / SAMPLE_RATE, end / SAMPLE_RATE, samples)
 
 
 def _check_header(f: sf.SoundFile) -> None:

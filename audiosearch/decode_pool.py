@@ -8,6 +8,12 @@ queue, so decoding runs while the model computes. Workers are forked on Linux
 (as torch's DataLoader does): they never touch torch or CUDA, and a script
 using the API needs no `if __name__ == "__main__"` guard.
 
+A file travels in parts of PART_SAMPLES, each handed over as soon as it is
+decoded, and fingerprinted as it decodes: memory is bounded by the parts in
+the queue and in the decoders, whatever the files' length. After a part that
+is not its file's last, a worker waits for the pool's word that the part is
+queued, so a fast decoder cannot pile parts up in its pipe.
+
 No worker outlives the process that started it, whatever ends that process
 (SIGKILL included): each asks the kernel for SIGKILL when its parent dies
 (Linux PR_SET_PDEATHSIG) and checks its parent's pid while idle, for the
@@ -30,7 +36,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import recv_handle, send_handle
@@ -39,10 +45,10 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from .audio import Audio, decode, decode_into, why_unreadable
+from .audio import SEGMENT_SAMPLES, Audio, open_stream, why_unreadable
 from .errors import AudioDecodeError, AudiosearchError
 
-DECODE_TIMEOUT = 600.0  # seconds one file may take before its worker is killed
+DECODE_TIMEOUT = 600.0  # seconds a decoder may take over one part of a file (a short file: all of it)
 PARENT_CHECK_SECONDS = 1.0  # how often an idle worker checks that its parent is alive
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 _DONE = object()
@@ -51,23 +57,28 @@ _HASH_BLOCK = 1 << 22
 
 @dataclass
 class Decoded:
-    """The outcome for one file: audio or an error, never both."""
+    """The outcome for one file, or for one part of a long file: audio or an error, never both.
+
+    A file comes as parts of about PART_SAMPLES each, in order, the last with `last` set: a
+    10-hour recording is never in memory whole. The fingerprint comes with the last part; an
+    error may come after parts (a file damaged further in), and ends the file.
+    """
 
     key: object  # the caller's handle for the file
     path: str
-    audio: Audio | None = None
+    audio: Audio | None = None  # this part's samples
     hash: str | None = None
     error: str | None = None
     prints: bytes | None = None  # the fingerprint (match.fingerprint), when asked for
+    file: int = 0  # the file's place among the tasks: the parts of one file share it
+    last: bool = True
+    expected: float | None = None  # the file's length in seconds as its header says (None: it does not say)
 
 
-def _with_prints(result: Decoded, samples: np.ndarray | None = None) -> Decoded:
-    """Fingerprint the decoded samples here, in the decoder, off the model's process."""
-    if result.audio is not None:
-        from .match.fingerprint import fingerprint
-
-        result.prints = fingerprint(result.audio.samples if samples is None else samples).to_bytes()
-    return result
+# Samples in a part: 16 segments (2 min 44 s, 10 MiB). Memory then stays bounded by (queued parts
+# + decoders) x this, whatever the files' length, and a part is big enough that handing it over
+# costs nothing next to decoding it.
+PART_SAMPLES = 16 * SEGMENT_SAMPLES
 
 
 def content_hash(path: str | Path, like: str | None = None) -> str:
@@ -97,21 +108,93 @@ def content_hash_fd(fd: int, like: str | None = None) -> str:
     return h.hexdigest() if legacy else f"xxh3:{h.hexdigest()}"
 
 
-def decode_one(key: object, path: str, with_hash: bool, decoder: Callable[[str], Audio] = decode,
-               with_prints: bool = False) -> Decoded:
-    """Decode a file, turning every expected failure into `Decoded.error`."""
+class _Part:
+    """One part's samples, written block by block: into shared memory (a memfd, handed over as a
+    descriptor) or, where there is none, into a list sent through the pipe."""
+
+    def __init__(self, shared: bool):
+        self.size = 0
+        self.fd: int | None = None
+        self._blocks: list[np.ndarray] = []
+        if shared:
+            try:
+                self.fd = os.memfd_create("audiosearch-decoded", os.MFD_CLOEXEC)
+            except (AttributeError, OSError):  # not Linux, or out of descriptors: through the pipe
+                pass
+        self._sink = open(self.fd, "wb", closefd=False) if self.fd is not None else None
+
+    def write(self, block: np.ndarray) -> None:
+        if self._sink is not None:
+            self._sink.write(np.ascontiguousarray(block).data)
+        else:
+            self._blocks.append(block)
+        self.size += len(block)
+
+    def samples(self) -> np.ndarray:
+        """The list form's samples as one array (a shared part is mapped by its receiver instead)."""
+        return np.concatenate(self._blocks) if self._blocks else np.empty(0, np.float32)
+
+    def flush(self) -> None:
+        if self._sink is not None:
+            self._sink.flush()
+
+    def close(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+            os.close(self.fd)
+            self._sink = None
+
+
+def decode_parts(key: object, path: str, *, with_hash: bool = False, with_prints: bool = False,
+                 part_samples: int = PART_SAMPLES, shared: bool = False) -> Iterator[tuple[Decoded, _Part | None]]:
+    """Decode a file as parts of at least `part_samples` samples (0: all in one), each with its samples.
+
+    Every expected failure becomes `Decoded.error`, as the last item. The file is fingerprinted
+    as it decodes (PrintStream): neither its samples nor its spectrum are ever held whole. The
+    caller closes each part it takes.
+    """
+    part = None
     try:
         digest = content_hash(path) if with_hash else None
-        result = Decoded(key, path, decoder(path), digest)
-        return _with_prints(result) if with_prints and decoder is decode else result
+        with open_stream(path) as stream:
+            printer = _print_stream() if with_prints else None
+            audio = Audio(np.empty(0, np.float32), stream.source_rate, stream.channels)
+            part = _Part(shared)
+            for block in stream:
+                part.write(block)
+                if printer is not None:
+                    printer.feed(block)
+                if part_samples and part.size >= part_samples:
+                    taken, part = part, None
+                    yield Decoded(key, path, audio, digest, last=False, expected=stream.duration), taken
+                    part = _Part(shared)
+        prints = printer.finish().to_bytes() if printer is not None else None
     except AudiosearchError as e:
-        return Decoded(key, path, error=str(e))
+        yield Decoded(key, path, error=str(e)), None
     except OSError as e:
-        return Decoded(key, path, error=why_unreadable(path) or f"cannot read file: {e.strerror or e}")
+        yield Decoded(key, path, error=why_unreadable(path) or f"cannot read file: {e.strerror or e}"), None
+    else:
+        taken, part = part, None
+        yield Decoded(key, path, audio, digest, prints=prints, expected=stream.duration), taken
+    finally:
+        if part is not None:
+            part.close()
+
+
+def _print_stream():
+    from .match.fingerprint import PrintStream  # scipy and the matcher: only for decoders that fingerprint
+
+    return PrintStream()
+
+
+def _in_memory(result: Decoded, part: _Part | None) -> Decoded:
+    if part is not None:
+        result.audio = replace(result.audio, samples=part.samples())
+    return result
 
 
 def _worker(conn: Connection, with_hash: bool, nice: int = 0, with_prints: bool = False,
-            parent: int = 0) -> None:
+            parent: int = 0, part_samples: int = 0) -> None:
     _die_with_parent(parent)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if nice:
@@ -119,18 +202,20 @@ def _worker(conn: Connection, with_hash: bool, nice: int = 0, with_prints: bool 
             os.nice(nice)
         except OSError:
             pass
-    while True:
-        try:
-            if not conn.poll(PARENT_CHECK_SECONDS):
-                if os.getppid() != parent:  # orphaned (re-parented): no one will read the result
-                    return
-                continue
-            task = conn.recv()
-        except (EOFError, OSError):
-            return
-        if task is None:
-            return
-        _decode_and_send(conn, *task, with_hash, with_prints)
+    try:
+        while (task := _from_parent(conn, parent)) is not None:
+            _decode_and_send(conn, *task, with_hash, with_prints, part_samples, parent)
+    except (EOFError, OSError):
+        return
+
+
+def _from_parent(conn: Connection, parent: int) -> object | None:
+    """The parent's next message, or None once this worker is orphaned (re-parented: no one would
+    read what it sends; a sibling forked later may hold the parent's end of the pipe open)."""
+    while not conn.poll(PARENT_CHECK_SECONDS):
+        if os.getppid() != parent:
+            return None
+    return conn.recv()
 
 
 def _die_with_parent(parent: int) -> None:
@@ -153,41 +238,29 @@ def _die_with_parent(parent: int) -> None:
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page in one call instead of faulting each in
 
 
-def _decode_and_send(conn: Connection, key: object, path: str, with_hash: bool, with_prints: bool = False) -> None:
-    try:
-        fd = os.memfd_create("audiosearch-decoded", os.MFD_CLOEXEC)
-    except (AttributeError, OSError):  # no memfd (not Linux), or out of descriptors: through the pipe
-        conn.send((decode_one(key, path, with_hash, with_prints=with_prints), 0))
-        return
-    try:
-        with open(fd, "wb", closefd=False) as sink:
-
-            def into_shared_memory(p: str) -> Audio:
-                rate, channels = decode_into(p, lambda block: sink.write(np.ascontiguousarray(block).data))
-                return Audio(np.empty(0, np.float32), rate, channels)  # the samples follow as a descriptor
-
-            result = decode_one(key, path, with_hash, into_shared_memory)
-            size = sink.tell() // 4 if result.audio is not None else 0
-        if with_prints and result.audio is not None:
-            _fingerprint_shared(result, fd, size)
-        conn.send((result, size))
-        if size:
-            send_handle(conn, fd, 0)
-    finally:
-        os.close(fd)
-
-
-def _fingerprint_shared(result: Decoded, fd: int, size: int) -> None:
-    """Fingerprint the samples just written to the memfd (read back from memory, not decoded again)."""
-    if size == 0:
-        _with_prints(result, np.zeros(0, np.float32))
-        return
-    with mmap.mmap(fd, size * 4, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) as view:
-        samples = np.frombuffer(view, dtype=np.float32)
+def _decode_and_send(conn: Connection, key: object, path: str, with_hash: bool, with_prints: bool,
+                     part_samples: int, parent: int) -> None:
+    """Send each part as it is decoded; after one that is not the last, wait until the parent has
+    queued it (its "go on"), so that a fast decoder cannot pile parts up in the pipe."""
+    parts = decode_parts(key, path, with_hash=with_hash, with_prints=with_prints, part_samples=part_samples,
+                         shared=True)
+    for result, part in parts:
         try:
-            _with_prints(result, samples)
+            size = 0
+            if part is not None and part.fd is None:
+                _in_memory(result, part)
+            elif part is not None:
+                part.flush()
+                size = part.size
+            conn.send((result, size))
+            if size:
+                send_handle(conn, part.fd, 0)
         finally:
-            del samples
+            if part is not None:
+                part.close()
+        if not result.last and not _from_parent(conn, parent):
+            parts.close()
+            return
 
 
 def _receive(conn: Connection) -> Decoded:
@@ -215,7 +288,8 @@ def _receive(conn: Connection) -> Decoded:
 
 
 def _lost(result: Decoded, reason: str) -> Decoded:
-    return Decoded(result.key, result.path, hash=result.hash, error=f"cannot receive decoded audio: {reason}")
+    return Decoded(result.key, result.path, hash=result.hash, error=f"cannot receive decoded audio: {reason}",
+                   last=result.last)
 
 
 # Before Python 3.13 a mapping keeps a duplicate of its file descriptor for as long as it lives,
@@ -236,15 +310,23 @@ class DecodePool:
     """
 
     def __init__(self, workers: int, *, with_hash: bool = False, prefetch: int = 8, nice: int = 0,
-                 with_prints: bool = False):
+                 with_prints: bool = False, part_samples: int | None = None):
         self.workers, self.with_hash, self.prefetch, self.nice = workers, with_hash, prefetch, nice
         self.with_prints = with_prints  # also fingerprint each file (ingest)
+        self.part_samples = PART_SAMPLES if part_samples is None else part_samples  # 0: each file in one part
 
     def map(self, tasks: Iterable[tuple[object, str]]) -> Iterator[Decoded]:
-        """Yield one Decoded per (key, path) task, in completion order."""
+        """Yield the parts of each (key, path) task (see Decoded), files in completion order.
+
+        A file's parts come in order, all with the same `file` number; parts of files decoded
+        side by side interleave.
+        """
         if self.workers <= 0:
-            for key, path in tasks:
-                yield decode_one(key, path, self.with_hash, with_prints=self.with_prints)
+            for number, (key, path) in enumerate(tasks):
+                for result, part in decode_parts(key, path, with_hash=self.with_hash, with_prints=self.with_prints,
+                                                 part_samples=self.part_samples):
+                    result.file = number
+                    yield _in_memory(result, part)
             return
         out: queue.Queue = queue.Queue(maxsize=max(self.prefetch, self.workers))
         stop = threading.Event()
@@ -264,7 +346,7 @@ class DecodePool:
         slots: list[_Slot] = []
         try:  # starting a worker can fail too (e.g. inside a daemonic process): never leave map() waiting
             for _ in range(self.workers):
-                slots.append(_Slot(ctx, self.with_hash, self.nice, self.with_prints))
+                slots.append(_Slot(ctx, self.with_hash, self.nice, self.with_prints, self.part_samples))
             self._loop(slots, tasks, out, stop)
             _put(out, _DONE, stop)
         except BaseException as e:  # hand any failure to the consuming thread
@@ -275,13 +357,15 @@ class DecodePool:
 
     def _loop(self, slots: list[_Slot], tasks: Iterator, out: queue.Queue, stop: threading.Event) -> None:
         exhausted = False
+        number = 0
         while not stop.is_set():
             for slot in slots:
                 if slot.task is None and not exhausted:
                     task = next(tasks, None)
                     exhausted = task is None
                     if task is not None:
-                        slot.submit(task)
+                        slot.submit(task, number)
+                        number += 1
             busy = [s for s in slots if s.task is not None]
             if not busy:
                 return
@@ -290,6 +374,8 @@ class DecodePool:
                 result = slot.collect(slot.conn in ready)
                 if result is not None:
                     _put(out, result, stop)
+                    if not result.last:  # queued: its decoder may go on with the next part
+                        slot.resume()
 
 
 class Decoder:
@@ -325,9 +411,11 @@ class Decoder:
 class _Slot:
     """One worker process and the task it holds."""
 
-    def __init__(self, ctx, with_hash: bool, nice: int = 0, with_prints: bool = False):
+    def __init__(self, ctx, with_hash: bool, nice: int = 0, with_prints: bool = False, part_samples: int = 0):
         self.ctx, self.with_hash, self.nice, self.with_prints = ctx, with_hash, nice, with_prints
+        self.part_samples = PART_SAMPLES if part_samples is None else part_samples  # 0: each file in one part
         self.task: tuple[object, str] | None = None
+        self.number = 0
         self.started = 0.0
         self.timeout = DECODE_TIMEOUT
         self._spawn()
@@ -335,26 +423,39 @@ class _Slot:
     def _spawn(self) -> None:
         self.conn, child = self.ctx.Pipe()
         # started from the pool's thread: PR_SET_PDEATHSIG fires when that thread ends, and it outlives its workers
-        self.proc = self.ctx.Process(target=_worker, args=(child, self.with_hash, self.nice, self.with_prints, os.getpid()),
-                                     daemon=True)
+        self.proc = self.ctx.Process(target=_worker, args=(child, self.with_hash, self.nice, self.with_prints,
+                                                           os.getpid(), self.part_samples), daemon=True)
         try:
             self.proc.start()
         finally:
             child.close()
 
-    def submit(self, task: tuple[object, str]) -> None:
-        self.task, self.started = task, time.monotonic()
+    def submit(self, task: tuple[object, str], number: int = 0) -> None:
+        self.task, self.number, self.started = task, number, time.monotonic()
         self.conn.send(task)
 
+    def resume(self) -> None:
+        """Let the worker decode the next part of its file (the clock restarts: the timeout is per part)."""
+        self.started = time.monotonic()
+        try:
+            self.conn.send(True)
+        except OSError:  # it died meanwhile: collect() finds out
+            pass
+
     def collect(self, readable: bool) -> Decoded | None:
-        """The finished result, a failure if the worker died or hung, else None."""
+        """The next part (or the whole) of the file, a failure if the worker died or hung, else None."""
         if readable:
             try:
                 result = _receive(self.conn)
-                self.task = None
-                return result
             except (EOFError, OSError):
                 return self._replace(f"decoder crashed ({_exit_reason(self.proc)})")
+            if result.error and not result.last:  # a part lost mid-file: the rest of the file is worth nothing
+                self.proc.kill()
+                return self._replace(result.error)
+            result.file = self.number
+            if result.last:
+                self.task = None
+            return result
         if not self.proc.is_alive():
             return self._replace(f"decoder crashed ({_exit_reason(self.proc)})")
         if time.monotonic() - self.started > self.timeout:
@@ -368,7 +469,7 @@ class _Slot:
         self.proc.join(timeout=5)
         self.conn.close()
         self._spawn()
-        return Decoded(key, path, error=error)
+        return Decoded(key, path, error=error, file=self.number)
 
     def close(self, kill: bool = False) -> None:
         """End the worker: asked to finish, or killed at once (`kill`: a run stopping early must not wait)."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .audio import SEGMENT_SAMPLES, SEGMENT_SECONDS, Audio, Segment, segment, to_model_audio
+from .audio import SAMPLE_RATE, SEGMENT_SAMPLES, SEGMENT_SECONDS, Audio, Cutter, Segment, segment_count, to_model_audio
 from .decode_pool import Decoded, DecodePool
 from .errors import AudioDecodeError
 from .model_ref import DEFAULT_MODEL
@@ -190,10 +190,11 @@ class Embedder:
 
     def embed_audio(self, audio: Audio, on_segments: SegmentsDone | None = None) -> list[SegmentEmbedding]:
         """Embed decoded audio; `on_segments` follows its segments as they are embedded (see `run`)."""
-        job = _Job(Decoded(None, "<memory>", audio), segment(audio.samples, self.hop_seconds))
         self._in_flight = None  # whatever an abandoned run left behind
         self._on_segments, self._known = on_segments, None
-        for _ in self._run_batches([(job, i, s) for i, s in enumerate(job.pieces)]):
+        decoded = Decoded(None, "<memory>", audio)
+        job = _Job(decoded, self.hop_seconds)
+        for _ in self._run_batches([(job, i, s) for i, s in job.add(decoded)]):
             pass
         for _ in self._collect():
             pass
@@ -208,20 +209,32 @@ class Embedder:
         before the file is complete: a long file shows progress, and its finished segments can be kept
         (ingest commits them). `known(decoded)` returns segments already embedded for that file (by
         start time): they are not embedded again, so an interrupted long file resumes where it stopped.
+        A long file reaches the model part by part as it decodes (decode_pool.PART_SAMPLES): memory
+        stays bounded however long the files are. `total` is then an estimate until the file's end.
         """
         pending: list[tuple[_Job, int, Segment]] = []
         self._in_flight = None  # whatever an abandoned run left behind
         self._on_segments, self._known = on_segments, known
+        jobs: dict[int, _Job] = {}  # files part-way through, by their number among the tasks
         # closed as soon as this generator is left, however: an interrupt must not leave decoders busy
         # until the traceback that holds this frame is freed
         pool = DecodePool(self.workers, with_hash=with_hash, nice=self.decode_nice, with_prints=with_prints)
-        with closing(pool.map(tasks)) as decoded_files:
-            for decoded in decoded_files:
-                job = self._job(decoded)
+        with closing(pool.map(tasks)) as decoded_parts:
+            for decoded in decoded_parts:
+                job = jobs.get(decoded.file) or self._job(decoded)
+                jobs[decoded.file] = job
+                pieces = job.add(decoded)
+                if decoded.last:
+                    del jobs[decoded.file]
+                    if job.samples == 0 and not job.failed:
+                        job.skip("holds no audio (0 samples)")
+                        pieces = []
+                if job.failed:  # damaged further in: what it had queued is not worth embedding
+                    pending = [item for item in pending if item[0] is not job]
                 if job.done:
                     yield job.result
                     continue
-                pending.extend((job, i, s) for i, s in enumerate(job.pieces) if job.slots[i] is None)
+                pending.extend((job, i, s) for i, s in pieces)
                 while len(pending) >= self.batch_size:
                     batch, pending = pending[: self.batch_size], pending[self.batch_size :]
                     yield from self._run_batches(batch)
@@ -229,16 +242,10 @@ class Embedder:
         yield from self._collect()
 
     def _job(self, decoded: Decoded) -> _Job:
-        if decoded.audio is None:
-            return _Job(decoded, [], status="failed", error=decoded.error)
-        if len(decoded.audio.samples) == 0:
-            return _Job(decoded, [], status="skipped", error="holds no audio (0 samples)")
-        job = _Job(decoded, segment(decoded.audio.samples, self.hop_seconds))
-        known = self._known(decoded) if self._known is not None else None
-        if known:
-            for i, piece in enumerate(job.pieces):
-                if (emb := known.get((piece.start, piece.end))) is not None:
-                    job.fill(i, emb)
+        """A file's job, made at its first part, with the segments embedded before (`known`) filled in."""
+        job = _Job(decoded, self.hop_seconds)
+        if decoded.audio is not None and self._known is not None:
+            job.known = self._known(decoded)
         return job
 
     def _run_batches(self, items: list[tuple[_Job, int, Segment]]) -> Iterator[FileEmbedding]:
@@ -260,6 +267,8 @@ class Embedder:
         touched: dict[int, tuple[_Job, list[SegmentEmbedding]]] = {}
         finished = []
         for row, (job, index, seg) in enumerate(batch):
+            if job.failed:
+                continue
             tokens = out.tokens[row].numpy() if out.tokens is not None else None
             emb = SegmentEmbedding(seg.start, seg.end, out.embeddings[row].numpy(), out.scores[row].numpy(), tokens)
             touched.setdefault(id(job), (job, []))[1].append(emb)
@@ -267,7 +276,7 @@ class Embedder:
                 finished.append(job.result)
         if self._on_segments is not None:
             for job, new in touched.values():
-                self._on_segments(job.result, new, len(job.pieces) - job.remaining, len(job.pieces))
+                self._on_segments(job.result, new, *job.progress())
         yield from finished
 
     def _launch(self, segments: list[Segment]) -> PendingOutput:
@@ -295,28 +304,74 @@ class Embedder:
 
 
 class _Job:
-    """A file on its way through the model: collects segment results until all are in."""
+    """A file on its way through the model: cuts its parts into segments as they arrive, and
+    collects the segments' results until the last part is in and every segment is done."""
 
-    def __init__(self, decoded: Decoded, pieces: list[Segment], status: str = "ok", error: str | None = None):
+    def __init__(self, decoded: Decoded, hop_seconds: float):
+        self.cutter = Cutter(hop_seconds)
+        self.known: dict[tuple[float, float], SegmentEmbedding] = {}
+        self.slots: list[SegmentEmbedding | None] = []
+        self.remaining = 0  # segments cut and not yet embedded
+        self.samples = 0
+        self.complete = False  # the last part is in
+        self.failed = False
         audio = decoded.audio
-        self.pieces = pieces
-        self.slots: list[SegmentEmbedding | None] = [None] * len(pieces)
-        self.remaining = len(pieces)
+        self.expected = (segment_count(round(decoded.expected * SAMPLE_RATE), hop_seconds)
+                         if decoded.expected else None)
         self.result = FileEmbedding(
             key=decoded.key,
             path=decoded.path,
-            status=status,
-            error=error,
-            duration=audio.duration if audio else None,
+            status="ok",
             sample_rate=audio.source_rate if audio else None,
             channels=audio.channels if audio else None,
             hash=decoded.hash,
-            prints=decoded.prints,
         )
+
+    def add(self, decoded: Decoded) -> list[tuple[int, Segment]]:
+        """Cut the next part; returns the new segments still to embed, by their index in the file."""
+        if decoded.audio is None:
+            self.fail(decoded.error)
+            return []
+        samples = decoded.audio.samples
+        self.samples += len(samples)
+        pieces = self.cutter.feed(samples)
+        if decoded.last:
+            self.complete = True
+            self.result.duration, self.result.prints = self.samples / SAMPLE_RATE, decoded.prints
+            pieces += self.cutter.finish()
+        todo = []
+        for piece in pieces:
+            index = len(self.slots)
+            self.slots.append(None)
+            self.remaining += 1
+            if (emb := self.known.get((piece.start, piece.end))) is not None:
+                self.fill(index, emb)
+            else:
+                todo.append((index, piece))
+        if self.done:
+            self.result.segments = list(self.slots)
+        return todo
+
+    def fail(self, error: str | None) -> None:
+        self.failed = self.complete = True
+        self.slots, self.remaining = [], 0
+        self.result = FileEmbedding(self.result.key, self.result.path, "failed", error or "unknown error")
+
+    def skip(self, reason: str) -> None:
+        """Nothing to embed (a file of 0 samples); the one empty segment cut for it is dropped."""
+        self.slots, self.remaining = [], 0
+        self.result.status, self.result.error, self.result.segments = "skipped", reason, []
 
     @property
     def done(self) -> bool:
-        return self.remaining == 0
+        return self.complete and self.remaining == 0
+
+    def progress(self) -> tuple[int, int]:
+        """(segments done, segments in the file): an estimate from the header until the last part is in."""
+        done = len(self.slots) - self.remaining
+        if self.complete:
+            return done, len(self.slots)
+        return done, max(self.expected or 0, len(self.slots) + 1)
 
     def fill(self, index: int, emb: SegmentEmbedding) -> bool:
         """Store one segment's result; True when the file is complete."""

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from audiosearch.audio import decode, decode_into, mixdown, open_stream, resample, to_model_audio
+from audiosearch.audio import (MIN_TAIL_SECONDS, SAMPLE_RATE, SEGMENT_SAMPLES, SEGMENT_SECONDS, Cutter, decode,
+                              decode_into, mixdown, open_stream, resample, segment, segment_count, to_model_audio)
 from audiosearch.errors import AudioDecodeError
 
 SUBTYPES = [
@@ -170,3 +171,38 @@ def test_the_fingerprint_spectrum_in_blocks_is_the_one_piece_spectrum(monkeypatc
     assert len(whole) > 500
     for name in ("times", "bands", "strengths"):
         np.testing.assert_array_equal(getattr(blocks, name), getattr(whole, name))
+
+
+def _reference_segments(samples: np.ndarray, hop_seconds: float) -> list[tuple[float, float, np.ndarray]]:
+    """`segment`'s rules written out plainly, on the whole signal."""
+    hop, n, out = max(1, round(hop_seconds * SAMPLE_RATE)), len(samples), []
+    for begin in range(0, max(n, 1), hop):
+        end = min(begin + SEGMENT_SAMPLES, n)
+        if begin > 0 and end - begin < MIN_TAIL_SECONDS * SAMPLE_RATE:
+            break
+        out.append((begin / SAMPLE_RATE, end / SAMPLE_RATE, samples[begin:end]))
+        if end == n:
+            break
+    return out
+
+
+def test_a_signal_cut_as_it_arrives_gives_the_segments_of_the_whole():
+    """A long file reaches the model in parts: each piece size, hop and length must cut as the whole does."""
+    rng = np.random.default_rng(0)
+    lengths = [0, 1, 399, SEGMENT_SAMPLES - 1, SEGMENT_SAMPLES, SEGMENT_SAMPLES + 15_999, SEGMENT_SAMPLES + 16_000,
+               2 * SEGMENT_SAMPLES]
+    for trial in range(400):
+        n = lengths[trial] if trial < len(lengths) else int(rng.integers(0, 6 * SEGMENT_SAMPLES))
+        hop = float(rng.choice([SEGMENT_SECONDS, 5.12, 1.0, 3.3, 12.0]))
+        x = rng.standard_normal(n).astype(np.float32)
+        cutter, got, i = Cutter(hop), [], 0
+        while i < n:
+            k = int(rng.choice([1, 1000, SEGMENT_SAMPLES, 3 * SEGMENT_SAMPLES + 7, int(rng.integers(1, 400_000))]))
+            got += cutter.feed(np.empty(0, np.float32)) + cutter.feed(x[i:i + k])
+            i += k
+        got += cutter.finish()
+        want = _reference_segments(x, hop)
+        assert [(s.start, s.end) for s in got] == [(a, b) for a, b, _ in want], (n, hop)
+        for s, (_, _, samples) in zip(got, want):
+            np.testing.assert_array_equal(s.samples, samples)
+        assert segment_count(n, hop) == len(want) == len(segment(x, hop))

@@ -142,3 +142,62 @@ def test_a_gpu_gets_a_decoder_per_usable_core_but_one(monkeypatch) -> None:
     assert embedder.default_workers(torch.device("cpu")) == 1  # the CPU runs the model: decoding fits in its gaps
     monkeypatch.setattr(embedder.os, "sched_getaffinity", lambda pid: {0})
     assert embedder.default_workers(torch.device("cuda")) == 1
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_long_file_comes_in_bounded_parts_that_join_to_the_whole(tmp_path, workers) -> None:
+    """Parts of about `part_samples`, in order, the fingerprint with the last: nothing is held whole."""
+    from audiosearch.match.fingerprint import fingerprint
+
+    path = tmp_path / "long.flac"
+    rng = np.random.default_rng(3)
+    sf.write(path, rng.uniform(-0.5, 0.5, (44100 * 40, 2)), 44100)
+    part = 100_000
+    parts = list(DecodePool(workers, part_samples=part, with_hash=True, with_prints=True).map([("k", str(path))]))
+    whole = decode(path).samples
+    assert len(parts) >= 5
+    assert [p.last for p in parts] == [False] * (len(parts) - 1) + [True]
+    assert all(part <= len(p.audio.samples) < part + 65_536 for p in parts[:-1])  # a part ends after a block
+    assert {p.file for p in parts} == {0} and {p.hash for p in parts} == {content_hash(path)}
+    assert [p.prints is None for p in parts] == [True] * (len(parts) - 1) + [False]
+    np.testing.assert_array_equal(np.concatenate([p.audio.samples for p in parts]), whole)
+    assert parts[-1].prints == fingerprint(whole).to_bytes()
+    assert parts[0].expected == 40.0
+
+
+def test_a_file_damaged_further_in_ends_with_its_error_after_its_parts(tmp_path) -> None:
+    bad = tmp_path / "nan.wav"
+    x = np.zeros(1_000_000, np.float32)
+    x[900_000] = np.nan
+    sf.write(bad, x, 16000, subtype="FLOAT")
+    ok = tmp_path / "ok.wav"
+    sf.write(ok, np.zeros(50_000, np.float32), 16000)
+    parts = list(DecodePool(1, part_samples=200_000).map([(1, str(bad)), (2, str(ok))]))
+    of_bad = [p for p in parts if p.key == 1]
+    assert len(of_bad) >= 4 and all(p.audio is not None for p in of_bad[:-1])
+    assert of_bad[-1].last and of_bad[-1].audio is None and of_bad[-1].error == "audio holds NaN or infinite samples"
+    assert [p.key for p in parts if p.last] == [1, 2] and {p.file for p in of_bad} == {0}
+
+
+def test_a_part_lost_mid_file_ends_that_file_only(tmp_path, monkeypatch) -> None:
+    """The descriptor of a long file's second part does not arrive: that file fails there, its
+    decoder is replaced (the rest of the file is worth nothing), and the next file decodes."""
+    long, short = tmp_path / "long.wav", tmp_path / "short.wav"
+    sf.write(long, np.zeros(700_000, np.float32), 16000)
+    sf.write(short, np.full(30_000, 0.25, np.float32), 16000)
+    real, calls = decode_pool.recv_handle, []
+
+    def lose_the_second(conn):
+        fd = real(conn)
+        calls.append(1)
+        if len(calls) == 2:
+            os.close(fd)
+            raise RuntimeError("received 0 items of ancdata")
+        return fd
+
+    monkeypatch.setattr(decode_pool, "recv_handle", lose_the_second)
+    parts = list(DecodePool(1, part_samples=200_000).map([("long", str(long)), ("short", str(short))]))
+    assert [(p.key, p.last, p.error) for p in parts] == [
+        ("long", False, None), ("long", True, "cannot receive decoded audio: too many open files"),
+        ("short", True, None)]
+    np.testing.assert_array_equal(parts[-1].audio.samples, decode(short).samples)

@@ -329,15 +329,15 @@ def test_decoder_crash_marks_only_that_file(tiny_model, tmp_path, monkeypatch, d
     lib, index = tmp_path / "lib", tmp_path / "idx"
     names = [write(lib / f"{i}.wav", syn.tone(300 + 100 * i, 2), 16000) for i in range(4)]
     bomb = names[1]
-    real = decode_pool.decode_into
+    real = decode_pool.open_stream
 
-    def segfault_on_bomb(path, write):  # runs in the (forked) decoding worker
+    def segfault_on_bomb(path):  # runs in the (forked) decoding worker
         if Path(path) == bomb:
             faulthandler.disable()  # pytest's handler would print a traceback first
             os.kill(os.getpid(), signal.SIGSEGV)
-        return real(path, write)
+        return real(path)
 
-    monkeypatch.setattr(decode_pool, "decode_into", segfault_on_bomb)
+    monkeypatch.setattr(decode_pool, "open_stream", segfault_on_bomb)
     summary = ingest_json(lib, index, tiny_model, "--workers", "1")
     assert summary["failed"] == [{"path": str(bomb), "error": "decoder crashed (killed by signal 11)"}]
     assert summary["added"] == 3 and files(index)[str(bomb)][0] == "failed"
@@ -352,8 +352,8 @@ def test_hung_decoder_is_killed(tiny_model, tmp_path, monkeypatch):
     lib, index = tmp_path / "lib", tmp_path / "idx"
     ok = write(lib / "ok.wav", syn.tone(440, 2), 16000)
     stuck = write(lib / "stuck.wav", syn.tone(550, 2), 16000)
-    real = decode_pool.decode_into
-    monkeypatch.setattr(decode_pool, "decode_into", lambda p, w: time.sleep(60) if Path(p) == stuck else real(p, w))
+    real = decode_pool.open_stream
+    monkeypatch.setattr(decode_pool, "open_stream", lambda p: time.sleep(60) if Path(p) == stuck else real(p))
     monkeypatch.setattr(decode_pool, "DECODE_TIMEOUT", 1.0)
     summary = ingest_json(lib, index, tiny_model, "--workers", "1")
     assert summary["failed"] == [{"path": str(stuck), "error": "decoding took longer than 1 s"}]

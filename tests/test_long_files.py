@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from audiosearch import decode_pool, embedder
 from audiosearch import ingest as ingest_module
 from audiosearch import synthetic as syn
+from audiosearch.audio import SEGMENT_SAMPLES
 from audiosearch.ingest import ingest
 from audiosearch.interrupts import Interrupted
 from audiosearch.render import IngestBar
@@ -124,3 +126,58 @@ def test_a_long_query_clip_reports_its_segments(tiny_model, long_library, tmp_pa
     assert result.query_segments == 12
     assert [d for _, d, _ in seen] == sorted(d for _, d, _ in seen) and seen[-1][1:] == (12, 12)
     assert len(seen) >= 2 and {c for c, _, _ in seen} == {str(long_library / "long.wav")}
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_file_handed_over_in_parts_gives_the_whole_files_results(long_library, tiny_model, tmp_path, monkeypatch,
+                                                                   workers):
+    """A long file reaches the model part by part (bounded memory): the same segments, vectors and
+    fingerprint, bit for bit, as when it comes whole."""
+    seen = []
+
+    class Counting(decode_pool.DecodePool):
+        def map(self, tasks):
+            for decoded in super().map(tasks):
+                seen.append(decoded.last)
+                yield decoded
+
+    monkeypatch.setattr(embedder, "DecodePool", Counting)
+    for name, part in (("whole", 0), ("parts", 3 * SEGMENT_SAMPLES + 12_345)):
+        monkeypatch.setattr(decode_pool, "PART_SAMPLES", part)
+        ingest([long_library], index_dir=tmp_path / name, model=str(tiny_model), device="cpu", precision="fp32",
+               batch_size=2, workers=workers, progress=None)
+    assert seen.count(False) == 3  # the 123 s file came in 4 parts the second time, whole the first
+    whole, parts = rows(tmp_path / "whole"), rows(tmp_path / "parts")
+    assert parts[0] == whole[0] and len(whole[0]) == 13 and parts[1] == whole[1]
+
+
+def test_overlapping_segments_across_parts_are_the_whole_files(long_library, tiny_model, monkeypatch):
+    """With a hop shorter than a segment, segments straddle the parts: copied together, the same."""
+    from audiosearch import Embedder
+
+    def embed(part: int):
+        monkeypatch.setattr(decode_pool, "PART_SAMPLES", part)
+        emb = Embedder(str(tiny_model), device="cpu", precision="fp32", batch_size=3, workers=1, hop_seconds=4.0)
+        (result,) = emb.embed_files([long_library / "long.wav"])
+        return [(s.start, s.end, s.embedding.tobytes()) for s in result.segments]
+
+    whole = embed(0)
+    assert embed(2 * SEGMENT_SAMPLES + 777) == whole and len(whole) == 30
+
+
+def test_a_long_file_damaged_further_in_fails_whole_and_leaves_nothing(tiny_model, tmp_path, monkeypatch):
+    """Its first parts were embedded (and their segments committed as partials) when the damage shows:
+    the file is reported failed, none of its segments are searchable, and its partials are cleared."""
+    monkeypatch.setattr(ingest_module, "PARTIAL_SEGMENTS", 2)
+    monkeypatch.setattr(decode_pool, "PART_SAMPLES", 2 * SEGMENT_SAMPLES)
+    x = syn.melody(120, seed=5).astype(np.float32)
+    x[100 * 16000] = np.nan
+    write(tmp_path / "lib" / "damaged.wav", x, 16000, subtype="FLOAT")
+    write(tmp_path / "lib" / "fine.wav", syn.tone(440, 3), 16000)
+    seen = Recorder()
+    summary = ingest([tmp_path / "lib"], index_dir=tmp_path / "index", model=str(tiny_model), device="cpu",
+                     precision="fp32", batch_size=2, workers=1, progress=seen)
+    assert summary.failed == [(str(tmp_path / "lib" / "damaged.wav"), "audio holds NaN or infinite samples")]
+    assert seen.new >= 4  # segments of the damaged file went through the model before the damage was found
+    segs, _, partial = rows(tmp_path / "index")
+    assert [path for path, *_ in segs] == [str(tmp_path / "lib" / "fine.wav")] and partial == []

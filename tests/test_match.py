@@ -410,3 +410,23 @@ def test_a_lookup_of_older_keys_is_rebuilt_not_trusted(match_library, tiny_model
     hits = query(index, tiny_model, clip)
     assert hits[0]["path"].endswith("melody_a.wav") and hits[0]["match"]["kind"] == "duplicate"
     run("doctor", "--index", index)  # the query saved the rebuilt lookup
+
+
+def test_a_fingerprint_taken_as_the_signal_arrives_is_the_whole_signals():
+    """Decoders fingerprint a file as they decode it, block by block: the peaks must be the very
+    peaks of the whole signal, whatever the blocks (the floor depends on the loudest point of all)."""
+    rng = np.random.default_rng(5)
+    long = np.concatenate([syn.melody(40, seed=1), 0.01 * syn.noise(30, seed=2), 3 * syn.bursts(25, seed=3)])
+    for x in (long, long[:RATE * 2], long[:RATE * 2 - 1], long[: int(RATE * 33.3)], np.zeros(0, np.float32)):
+        whole = fingerprint(x)
+        for _ in range(3):
+            stream, i = F.PrintStream(), 0
+            while i < len(x):
+                k = int(rng.choice([1, 333, 22_050, int(rng.integers(1, 200_000))]))
+                stream.feed(x[i:i + k])
+                i += k
+            got = stream.finish()
+            assert (got.duration, got.short) == (whole.duration, whole.short)
+            for field in ("times", "bands", "strengths"):
+                np.testing.assert_array_equal(getattr(got, field), getattr(whole, field))
+    assert len(fingerprint(long)) > 500 and fingerprint(long).times[-1] > 90  # the test is not vacuous

@@ -30,16 +30,16 @@ HARNESS = """
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.default_int_handler)
 import audiosearch.decode_pool as pool
-real = pool.decode_into
-def slow(path, write):
+real = pool.open_stream
+def slow(path):
     if os.path.basename(str(path)).startswith("crash"):
         os.kill(os.getpid(), 11)  # a native crash: the pool starts a new worker
     if os.path.basename(str(path)).startswith("slow"):
         with open(os.environ["SLOW_MARK"], "w") as f:
             f.write(str(os.getpid()))
         time.sleep(60)
-    return real(path, write)
-pool.decode_into = slow
+    return real(path)
+pool.open_stream = slow
 from audiosearch.cli import app
 sys.argv = ["audiosearch", *sys.argv[1:]]
 app()

@@ -97,25 +97,135 @@ def fingerprint(samples: np.ndarray, rate: int = 16000, *, density: float = 1.0)
     """The peaks of a mono signal (any rate; ingest passes the model's 16 kHz samples).
 
     A query asks for a higher `density`: an edit (noise, reverb) adds peaks that can outrank
-    the ones the library kept, so the query keeps more to be sure to hold those.
+    the ones the library kept, so the query keeps more to be sure to hold those. The same
+    peaks as a `PrintStream` fed the signal in pieces of any size.
     """
-    x = np.asarray(samples, dtype=np.float32)
-    duration = len(x) / rate
-    y = soxr.resample(x, rate, ANALYSIS_RATE, quality="LQ") if rate != ANALYSIS_RATE else x
-    res = SHORT if duration < SHORT_SECONDS else LONG
-    spec = log_spectrogram(y, res)
-    t, b, s = pick_peaks(spec, res, density)
-    return Fingerprint(t * res.frame_seconds, b, s, duration, res is SHORT)
+    stream = PrintStream(rate, density=density)
+    stream.feed(samples)
+    return stream.finish()
 
 
-def log_spectrogram(y: np.ndarray, res: Resolution) -> np.ndarray:
-    """dB power in N_BANDS log-spaced bands, [frames, bands]; frame i is centred on i * hop.
+class PrintStream:
+    """A fingerprint computed as the signal arrives, in memory bounded by a few seconds of it.
+
+    `feed` blocks of samples in order, then `finish` for the Fingerprint: the very peaks
+    `fingerprint` finds in the whole signal, however the blocks are cut (tested), so a decoder
+    fingerprints a 10-hour recording as it decodes it. Resampling (soxr streams exactly as it
+    resamples in one call), the spectrum (on the same grid of blocks) and the peak filters (on
+    chunks of PEAK_FRAMES, with their neighbourhood's frames around) are all local. The only
+    global step, the floor 70 dB under the loudest point, waits for the end: each chunk keeps
+    its local maxima as candidates (~1 MB an hour), and the floor and the ranking per second
+    are applied to them in `finish`.
+    """
+
+    def __init__(self, rate: int = 16000, *, density: float = 1.0):
+        self.rate, self.density = rate, density
+        self._head: list[np.ndarray] | None = []  # input until it is SHORT_SECONDS long (then: analysed on the fine grid)
+        self._received = 0
+        self._peaks: _LongPeaks | None = None
+
+    def feed(self, samples: np.ndarray) -> None:
+        x = np.asarray(samples, dtype=np.float32).reshape(-1)
+        self._received += len(x)
+        if self._peaks is not None:
+            self._peaks.feed(x)
+            return
+        self._head.append(x)
+        if self._received >= SHORT_SECONDS * self.rate:
+            self._peaks = _LongPeaks(self.rate)
+            for block in self._head:
+                self._peaks.feed(block)
+            self._head = None
+
+    def finish(self) -> Fingerprint:
+        duration = self._received / self.rate
+        if self._peaks is None:  # a short sound: analysed whole, on the fine grid
+            x = np.concatenate(self._head) if self._head else np.zeros(0, np.float32)
+            y = soxr.resample(x, self.rate, ANALYSIS_RATE, quality="LQ") if self.rate != ANALYSIS_RATE else x
+            t, b, s = pick_peaks(log_spectrogram(y, SHORT), SHORT, self.density)
+            return Fingerprint(t * SHORT.frame_seconds, b, s, duration, True)
+        t, b, s = self._peaks.finish(self.density)
+        return Fingerprint(t * LONG.frame_seconds, b, s, duration, False)
+
+
+# Frames of the spectrum whose peaks are picked at once in a stream (32 s of LONG frames), and
+# the frames around them the filters read: the background's half-width, twice the peak's radius.
+PEAK_FRAMES = 1000
+PEAK_CONTEXT = 2 * LONG.time_radius
+
+
+class _LongPeaks:
+    """The LONG-grid pipeline of a PrintStream: resample, spectrum blocks, candidate peaks per chunk."""
+
+    def __init__(self, rate: int):
+        self.res = res = LONG
+        self._resampler = (soxr.ResampleStream(rate, ANALYSIS_RATE, 1, "float32", "LQ")
+                           if rate != ANALYSIS_RATE else None)
+        self._y = np.zeros(res.n_fft // 2, np.float32)  # padded analysis-rate samples from frame _frame's start
+        self._frame = 0  # frames of spectrum computed
+        self._spec = np.zeros((0, N_BANDS), np.float32)  # spectrum rows from frame _spec_start
+        self._spec_start = 0
+        self._chunk = 0  # first frame whose candidates are not picked yet
+        self._loudest = np.float32(-np.inf)
+        self._candidates: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def feed(self, x: np.ndarray) -> None:
+        y = x if self._resampler is None else self._resampler.resample_chunk(x)
+        self._add(y, last=False)
+
+    def finish(self, density: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        tail = np.zeros(0, np.float32) if self._resampler is None else self._resampler.resample_chunk(
+            np.zeros(0, np.float32), last=True)
+        self._add(np.concatenate([tail, np.zeros(self.res.n_fft // 2, np.float32)]), last=True)
+        if not self._candidates:
+            return np.zeros(0), np.zeros(0, np.float32), np.zeros(0, np.float32)
+        frames, bands, heights = (np.concatenate(c) for c in zip(*self._candidates))
+        above = heights > self._loudest - 70.0
+        frames, bands, heights = frames[above], bands[above], heights[above]
+        keep = _densest(frames, heights, self.res.peaks_per_second * density, self.res.frame_seconds)
+        return frames[keep].astype(np.float64), bands[keep], heights[keep]
+
+    def _add(self, y: np.ndarray, last: bool) -> None:
+        res = self.res
+        self._y = np.concatenate([self._y, y]) if len(y) else self._y
+        available = (len(self._y) - res.n_fft) // res.hop + 1 if len(self._y) >= res.n_fft else 0
+        # whole blocks of the spectrum (the grid log_spectrogram uses), and at the end the rest
+        count = available if last else available // SPECTRUM_FRAMES * SPECTRUM_FRAMES
+        if count:
+            used = (count - 1) * res.hop + res.n_fft
+            block = log_spectrogram(self._y[:used], res, padded=True)
+            self._y = self._y[count * res.hop:]
+            self._frame += count
+            self._loudest = max(self._loudest, block.max())
+            self._spec = np.concatenate([self._spec, block])
+        self._pick(last)
+
+    def _pick(self, last: bool) -> None:
+        """Candidates of every chunk whose frames and neighbourhood are in; at the end, of the rest."""
+        while self._chunk < self._frame and (last or self._chunk + PEAK_FRAMES + PEAK_CONTEXT <= self._frame):
+            stop = min(self._chunk + PEAK_FRAMES, self._frame)
+            lo = max(0, self._chunk - PEAK_CONTEXT)
+            hi = self._frame if last else stop + PEAK_CONTEXT
+            view = self._spec[lo - self._spec_start: hi - self._spec_start]
+            frames, bands, heights = _candidates(view, self.res, self._chunk - lo, stop - lo)
+            self._candidates.append((frames + lo, bands, heights))
+            self._chunk = stop
+        drop = max(0, self._chunk - PEAK_CONTEXT) - self._spec_start
+        if drop > 0:
+            self._spec = self._spec[drop:]
+            self._spec_start += drop
+
+
+def log_spectrogram(y: np.ndarray, res: Resolution, *, padded: bool = False) -> np.ndarray:
+    """dB power in N_BANDS log-spaced bands, [frames, bands]; frame i is centred on i * hop
+    (starts at i * hop when `y` is `padded` already, with n_fft / 2 samples either side).
 
     Computed SPECTRUM_FRAMES frames at a time (each frame on its own, so the result is the
     same): the whole spectrum of an hour took 1.2 GB, its bands take 30 MB, and a block that
     fits in cache is faster too.
     """
-    y = np.pad(y, (res.n_fft // 2, res.n_fft // 2))
+    if not padded:
+        y = np.pad(y, (res.n_fft // 2, res.n_fft // 2))
     frames = np.lib.stride_tricks.sliding_window_view(y, res.n_fft)[:: res.hop]
     out = np.empty((len(frames), N_BANDS), dtype=np.float32)
     for start in range(0, len(frames), SPECTRUM_FRAMES):
@@ -143,21 +253,27 @@ def pick_peaks(spec: np.ndarray, res: Resolution, density: float = 1.0) -> tuple
     Returns frame index, fractional band (parabolic interpolation) and strength in dB. A peak's
     rank is its height: gain changes no order, and the strongest are the ones noise leaves standing.
     """
-    local_max = _max_filter(spec, res.time_radius, res.band_radius)
-    background = ndimage.uniform_filter(spec, size=(4 * res.time_radius + 1, 6 * res.band_radius + 1), mode="nearest")
-    floor = spec.max() - 70.0
-    is_peak = (spec == local_max) & (spec > floor) & (spec > background + 3.0)
+    frames, bands, heights = _candidates(spec, res, 0, len(spec))
+    above = heights > spec.max(initial=-np.inf) - 70.0
+    frames, bands, heights = frames[above], bands[above], heights[above]
+    keep = _densest(frames, heights, res.peaks_per_second * density, res.frame_seconds)
+    return frames[keep].astype(np.float64), bands[keep], heights[keep]
+
+
+def _candidates(spec: np.ndarray, res: Resolution, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The local maxima of frames start..stop-1 of `spec` that stand 3 dB over their background, in
+    frame then band order: frame, fractional band, height. The frames around them are read too."""
+    local_max = _max_filter(spec, res.time_radius, res.band_radius)[start:stop]
+    background = ndimage.uniform_filter(spec, size=(4 * res.time_radius + 1, 6 * res.band_radius + 1),
+                                        mode="nearest")[start:stop]
+    core = spec[start:stop]
+    is_peak = (core == local_max) & (core > background + 3.0)
     is_peak[:, 0] = is_peak[:, -1] = False  # a band edge is no maximum
     frames, bands = np.nonzero(is_peak)
-    if len(frames) == 0:
-        return np.zeros(0), np.zeros(0, np.float32), np.zeros(0, np.float32)
-    height = spec[frames, bands]  # ranks peaks: the strongest survive noise, codecs and mixing best
-    keep = _densest(frames, height, res.peaks_per_second * density, res.frame_seconds)
-    frames, bands = frames[keep], bands[keep]
-    left, mid, right = spec[frames, bands - 1], spec[frames, bands], spec[frames, bands + 1]
+    left, mid, right = core[frames, bands - 1], core[frames, bands], core[frames, bands + 1]
     denom = left - 2 * mid + right
     delta = np.where(denom < 0, 0.5 * (left - right) / np.where(denom < 0, denom, -1), 0.0)
-    return frames.astype(np.float64), (bands + np.clip(delta, -0.5, 0.5)).astype(np.float32), mid.astype(np.float32)
+    return frames + start, (bands + np.clip(delta, -0.5, 0.5)).astype(np.float32), mid.astype(np.float32)
 
 
 def _max_filter(spec: np.ndarray, time_radius: int, band_radius: int) -> np.ndarray:
