@@ -130,7 +130,7 @@ class PrintStream:
         if self._peaks is not None:
             self._peaks.feed(x)
             return
-        self._head.append(x)
+        self._head.append(x.copy())  # the caller may reuse its buffer (2 s at most are held)
         if self._received >= SHORT_SECONDS * self.rate:
             self._peaks = _LongPeaks(self.rate)
             for block in self._head:
