@@ -432,7 +432,7 @@ class _Partials:
     def on_segments(self, result: FileEmbedding, new: list[SegmentEmbedding], done: int, total: int) -> None:
         if self.advance is not None:
             self.advance(result.path, len(new), done, total)
-        if total <= PARTIAL_SEGMENTS or not result.hash or done == total:
+        if not result.hash or done == total:  # not `total`: until the last part it is the header's estimate
             return
         pending = self.unsaved.setdefault(result.path, [])
         pending.extend(new)

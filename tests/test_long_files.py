@@ -7,6 +7,7 @@ small here (PARTIAL_SEGMENTS = 4) so that a 2-minute file stands for a long one.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import sqlite3
 from pathlib import Path
@@ -90,6 +91,27 @@ def test_an_interrupted_long_file_resumes_from_its_committed_segments(long_libra
     assert resumed[0] == clean_rows[0]  # same ranges, vectors and scores, bit for bit
     assert resumed[1] == clean_rows[1]  # the fingerprint is the whole file's
     assert resumed[2] == [] and len(resumed[0]) == 13
+
+
+def test_a_file_whose_header_gives_no_length_keeps_its_first_part_across_an_interrupt(
+        long_library, tiny_model, tmp_path, monkeypatch):
+    """Until its last part the file's length is a guess (one segment more than cut so far): the first
+    part's segments are kept for saving all the same, not taken for those of a short file."""
+    monkeypatch.setattr(ingest_module, "PARTIAL_SEGMENTS", 8)
+    monkeypatch.setattr(decode_pool, "PART_SAMPLES", SEGMENT_SAMPLES)
+    real = decode_pool.open_stream
+
+    @contextlib.contextmanager
+    def headerless(path):
+        with real(path) as stream:
+            stream.duration = None
+            yield stream
+
+    monkeypatch.setattr(decode_pool, "open_stream", headerless)
+    index = tmp_path / "index"
+    with pytest.raises(Interrupted):
+        run(long_library, index, tiny_model, Recorder(stop_after=9))
+    assert len(rows(index)[2]) == 8  # the first segments (cut while the guess was under 8) among them
 
 
 def test_the_bar_moves_within_a_long_file(long_library, tiny_model, tmp_path, monkeypatch):
