@@ -1,6 +1,7 @@
 """Duplicate-report benchmark: a synthetic library with planted duplicates under known edits.
 
     python -m benchmarks.dupes [--hours 10] [--planted 0.1] [--new 0.01] [--work DIR] [--jobs 2]
+                               [--workers N] [--library DIR] [--no-check]
 
 Files (20-52 s, 36 s on average: the issue's 100,000 files / 1,000 h) are generated
 (plucked melodies and effect-like bursts), fingerprinted straight from the samples and
@@ -120,8 +121,12 @@ def _write(index: Path, tasks: list[tuple], jobs: int) -> float:
     return audio
 
 
-def _plan(first: int, count: int, planted: float, seed: int, old: range | None) -> tuple[list[tuple], dict]:
-    """Tasks for files first..first+count-1; copies of originals among them (or of `old` files)."""
+def _plan(first: int, count: int, planted: float, seed: int, old: list[int] | None) -> tuple[list[tuple], dict]:
+    """Tasks for files first..first+count-1; copies of originals among them (or of the `old` originals).
+
+    A copy's source is always an original: a task regenerates its source from the source's seed,
+    which for a planted copy would be another sound than the library holds under that number.
+    """
     rng = np.random.default_rng(seed)
     tasks, truth = [], {}
     originals: list[int] = []
@@ -137,6 +142,11 @@ def _plan(first: int, count: int, planted: float, seed: int, old: range | None) 
             if old is None:
                 originals.append(number)
     return tasks, truth
+
+
+def originals(tasks: list[tuple]) -> list[int]:
+    """The file numbers of the tasks' originals (not planted copies)."""
+    return [number for number, _, _, edit in tasks if edit is None]
 
 
 def _run(index: Path, full: bool, workers: int = 1) -> tuple[dict, float, object]:
@@ -216,6 +226,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--workers", type=int, default=1, help="matching processes (1: CPU time is all in this one)")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed)")
+    ap.add_argument("--library", type=Path,
+                    help="keep the generated library here, and reuse it when it was made with the same options")
+    ap.add_argument("--no-check", action="store_true",
+                    help="skip the last full run (at 1,000 h it costs as much as the first)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
     if shutil.which("sox") is None:
@@ -227,19 +241,20 @@ def main(argv: list[str] | None = None) -> None:
     n = max(10, int(round(args.hours * 3600 / 36)))
     print(f"machine: {os.cpu_count()} CPUs; library {n} files (~{args.hours:g} h), planted {args.planted:.0%}, "
           f"+{args.new:.0%} new")
-    t = time.perf_counter()
     tasks, truth = _plan(0, n, args.planted, args.seed, None)
-    audio = _write(index, tasks, args.jobs)
-    print(f"generated and fingerprinted {n} files ({audio / 3600:.1f} h) in {time.perf_counter() - t:.0f} s")
+    audio = _library(index, tasks, args)
     found, wall, stats = _run(index, True, args.workers)
     results = {"full": _report("full run", found, truth, wall, stats, audio)}
 
     extra = max(2, int(round(n * args.new)))
-    new_tasks, new_truth = _plan(n, extra, 0.5, args.seed + 1, range(n))
+    new_tasks, new_truth = _plan(n, extra, 0.5, args.seed + 1, originals(tasks))
     audio += _write(index, new_tasks, args.jobs)
     truth.update(new_truth)
     found_inc, wall_inc, stats_inc = _run(index, False, args.workers)
     results["incremental"] = _report(f"incremental run (+{extra} files)", found_inc, truth, wall_inc, stats_inc, audio)
+    if args.no_check:
+        _finish(args, work, results)
+        return
     found_full, wall_full, stats_full = _run(index, True, args.workers)
     results["full_after"] = _report("full run after the new files", found_full, truth, wall_full, stats_full, audio)
     same = {k: (p.kind, p.inner is not None) for k, p in found_inc.items()} == \
@@ -252,6 +267,29 @@ def main(argv: list[str] | None = None) -> None:
     print(f"CPU: full {stats_full.cpu:.1f} s, incremental {stats_inc.cpu:.1f} s ({ratio:.0f}x less); "
           f"wall: full {wall_full:.1f} s, incremental {wall_inc:.1f} s")
     results["incremental_equals_full"] = exact
+    _finish(args, work, results)
+
+
+def _library(index: Path, tasks: list[tuple], args: argparse.Namespace) -> float:
+    """Generate the library into `index` (or copy the one kept in --library); its seconds of audio."""
+    plan = {"files": len(tasks), "planted": args.planted, "seed": args.seed}
+    kept = args.library / "plan.json" if args.library else None
+    if kept is not None and kept.exists() and json.loads(kept.read_text())["plan"] == plan:
+        shutil.copytree(args.library / "index", index)
+        audio = json.loads(kept.read_text())["audio"]
+        print(f"reused the library kept in {args.library} ({len(tasks)} files, {audio / 3600:.1f} h)")
+        return audio
+    t = time.perf_counter()
+    audio = _write(index, tasks, args.jobs)
+    print(f"generated and fingerprinted {len(tasks)} files ({audio / 3600:.1f} h) in {time.perf_counter() - t:.0f} s")
+    if kept is not None:
+        shutil.rmtree(args.library, ignore_errors=True)
+        shutil.copytree(index, args.library / "index")
+        kept.write_text(json.dumps({"plan": plan, "audio": audio}))
+    return audio
+
+
+def _finish(args: argparse.Namespace, work: Path, results: dict) -> None:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if args.work is None:

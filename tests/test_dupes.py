@@ -23,8 +23,9 @@ from typer.testing import CliRunner
 
 from audiosearch import synthetic as syn
 from audiosearch.cli import app
-from audiosearch.match.dupes import DupeFile, find_dupes, keep_reason, match_pair
-from audiosearch.match.fingerprint import fingerprint
+from audiosearch.match.dupes import DupeFile, RareKeys, find_dupes, keep_reason, match_pair, sampled_keys
+from audiosearch.match.fingerprint import fingerprint, keys, query_keys, triplets
+from audiosearch.match.lookup import PrintLookup, entries_of, sorted_run
 from audiosearch.render import print_dupes
 
 from .conftest import write
@@ -131,6 +132,25 @@ def test_a_pair_is_the_same_found_from_either_side():
     assert ab.a_start == pytest.approx(4, abs=0.3) and ab.a_end == pytest.approx(16, abs=0.3)
     assert ab.b_start == pytest.approx(5, abs=0.3) and ab.b_end == pytest.approx(17, abs=0.3)
     assert match_pair(1, fa, 3, fingerprint(syn.melody(20, seed=24))) is None
+
+
+def test_discovery_probes_one_key_in_four_with_the_probes_own_indices():
+    prints = {i: fingerprint(syn.melody(20, seed=30 + i)) for i in (1, 2, 3)}
+    parts = [entries_of(i, fp) for i, fp in prints.items()]
+    lookup = PrintLookup([sorted_run(np.array(sorted(prints)), [k for k, _ in parts], [e for _, e in parts])])
+    probe_keys, _ = query_keys(triplets(prints[2]), False)
+    stored = keys(triplets(prints[1]), False)
+    assert 0.2 < sampled_keys(stored, 4).mean() < 0.3 and sampled_keys(stored, 1).all()
+
+    seen = []
+    probe, entries = RareKeys(lookup, 4096, sample=4).lookup(
+        probe_keys, keep=lambda p, ordinal, ms: seen.append(p) or np.ones(len(p), bool))
+    every_probe, every_entries = RareKeys(lookup, 4096).lookup(probe_keys)
+    assert len(probe) > 0 and sampled_keys(probe_keys[probe], 4).all()
+    assert np.array_equal(np.concatenate(seen), probe)  # keep() sees indices into the caller's probe keys
+    wanted = sampled_keys(probe_keys[every_probe], 4)
+    got = sorted(zip(probe.tolist(), entries.tolist()))
+    assert got == sorted(zip(every_probe[wanted].tolist(), every_entries[wanted].tolist()))
 
 
 def test_keeper_rules_in_order():

@@ -36,28 +36,35 @@ import numpy as np
 
 from ..audio import file_format
 from ..collection import Collection
-from .fingerprint import FAR, KEYS_VERSION, NEAR, VERSION, Fingerprint
+from .fingerprint import FAR, KEYS_VERSION, NEAR, QUERY_WIDEN, VERSION, Fingerprint, triplets
 from .lookup import Keep, PrintLookup, entries_of, sorted_run
-from .matcher import SHORT_BIN, match_fingerprint
-from .verify import MIN_SCORE, Alignment
+from .matcher import SHORT_BIN, collisions, least_inliers, match_fingerprint, query_bins
+from .verify import MIN_SCORE, Alignment, align
 
 KINDS = ("whole", "contained", "partial")
 MIN_COVERED_SECONDS = 6  # seconds of a long file in which aligned triplets start: fewer can be chance (a few
 # notes of one tune recurring transposed in another; measured on generated music, benchmarks/dupes.py)
+# Discovery proposes pairs for match_pair to verify with every key, so it asks for less: aligned
+# collisions starting in 3 seconds, a fifth of those inside the aligned range (see dense_enough).
+DISCOVER_COVERED_SECONDS, DISCOVER_SHARE = 3, 0.2
 DISCOVER_INLIERS = 10  # collisions (through rare keys) a file needs before the lookup's answer is verified
-DISCOVER_BUCKET = 32  # see RareKeys: the smallest bucket cap, for libraries under ~800 files
-# The pre-filter's table (verify.plausible) for discovery: a library of similar music gives a window
-# ~1.4 M collisions at 1,000 h, many at consistent lags; 4 M cells let through 15 % of them, 1 M
-# cells 44 % (370 -> 208 ms CPU a file there). A query clip's collisions are chance ones: 1 M is best.
+# One key in 4 is probed (RareKeys): at 1,000 h (generated library, benchmarks/dupes.py) 11x less CPU a
+# file at the same recall of planted pairs; one in 8 lost excerpts and partial overlaps.
+DISCOVER_SAMPLE = 4
+DISCOVER_BUCKET = 32  # see RareKeys: the smallest bucket cap, for libraries under ~10,000 files
+# The pre-filter's table (verify.plausible) for discovery: a library of similar music gives a file
+# ~1 M collisions at 1,000 h, many at consistent lags; 4 M cells let through fewer of them than 1 M
+# (at 1,000 h: 1 M cells 2x, 256 k cells 3x the CPU a file). A query clip's collisions are chance ones: 1 M is best.
 DISCOVER_TABLE_BITS = 22
-FILES_PER_BUCKET_ENTRY = 24  # above that the cap grows with the library (files / 24): buckets fill as it grows
+FILES_PER_BUCKET_ENTRY = 300  # above that the cap grows with the library (files / 300): buckets fill as it grows
 EDGE_SECONDS, EDGE_SHARE = 1.0, 0.05  # a match this close to a file's first and last peak covers all of it
 WINDOW_SECONDS, WINDOW_STEP = 20.0, 12.0  # a long file is proposed pairs window by window (see `candidates`)
 BATCH = 64  # fingerprints matched per SQLite commit: an interrupted run keeps what it finished
 # What the stored pairs depend on; when it changes, every pair is found again.
 PARAMS = json.dumps({"dupes": 1, "fingerprint": VERSION, "keys": KEYS_VERSION, "min_score": MIN_SCORE,
                      "covered": MIN_COVERED_SECONDS,
-                     "discover": [DISCOVER_INLIERS, DISCOVER_BUCKET, FILES_PER_BUCKET_ENTRY],
+                     "discover": [DISCOVER_INLIERS, DISCOVER_BUCKET, FILES_PER_BUCKET_ENTRY, DISCOVER_SAMPLE,
+                                  DISCOVER_COVERED_SECONDS, DISCOVER_SHARE],
                      "edge": [EDGE_SECONDS, EDGE_SHARE], "near": NEAR, "far": FAR,
                      "window": [WINDOW_SECONDS, WINDOW_STEP]})
 PARAMS_KEY = "dupes_params"
@@ -134,9 +141,11 @@ def _single_lookup(fp_id: int, fp: Fingerprint) -> PrintLookup:
     return PrintLookup([sorted_run(np.array([fp_id], dtype=np.int64), [keys], [entries])])
 
 
-def dense_enough(a: Alignment, query: Fingerprint) -> bool:
-    """Whether an alignment is a shared passage rather than chance: aligned triplets start in most of the
-    query's seconds inside the matched range, and in MIN_COVERED_SECONDS of them at least.
+def dense_enough(a: Alignment, query: Fingerprint, covered_seconds: int = MIN_COVERED_SECONDS,
+                 share: float = MIN_SCORE) -> bool:
+    """Whether an alignment is a shared passage rather than chance: aligned triplets start in `share` of
+    the query's seconds inside the matched range, and in `covered_seconds` of them at least (by default
+    match_pair's rule; discovery asks for less, see DISCOVER_SHARE).
 
     The matcher's own score is the share of the *whole* query: right for a clip, wrong for a file that
     shares one minute of its hour. A clip under 2 s keeps the matcher's rule (50 ms bins, whole clip).
@@ -146,7 +155,7 @@ def dense_enough(a: Alignment, query: Fingerprint) -> bool:
     bins = np.unique(np.floor(query.times).astype(np.int64))
     covered = round(a.score * len(bins))
     inside = int(np.count_nonzero((bins >= np.floor(a.query_start)) & (bins <= np.floor(a.query_end))))
-    return covered >= MIN_COVERED_SECONDS and covered >= MIN_SCORE * max(1, inside)
+    return covered >= covered_seconds and covered >= share * max(1, inside)
 
 
 def _clip(rng: tuple[float, float], fp: Fingerprint) -> tuple[float, float]:
@@ -163,48 +172,75 @@ def _covers(fp: Fingerprint, start: float, end: float) -> bool:
 
 
 class RareKeys:
-    """A lookup index probed only for keys that few entries hold (`max_bucket` or fewer).
+    """A lookup index probed only for rare keys (`max_bucket` entries or fewer), and one in `sample` of them.
 
     Whole-library matching asks the lookup about every stored triplet; common keys (a
     harmonic interval on a tempered scale, a repeated drum pattern) return thousands of
     entries from files that merely sound alike, and the cost of verifying them grows with
     the library squared. A shared passage of a few seconds holds enough rare keys to be
     proposed; `match_pair` then verifies it with all of them.
+
+    The sample is of key values (a hash of the key), not of triplets, so both copies of a
+    shared passage keep the same keys: its aligned collisions fall by `sample`, like the
+    chance ones, and a passage of MIN_COVERED_SECONDS still holds dozens of them.
     """
 
-    def __init__(self, lookup: PrintLookup, max_bucket: int):
-        self.inner, self.max_bucket = lookup, max_bucket
+    def __init__(self, lookup: PrintLookup, max_bucket: int, sample: int = 1):
+        self.inner, self.max_bucket, self.sample = lookup, max_bucket, sample
 
     def lookup(self, probe_keys: np.ndarray, keep: Keep | None = None) -> tuple[np.ndarray, np.ndarray]:
-        return self.inner.lookup(probe_keys, keep, max_held=self.max_bucket)
+        chosen = np.nonzero(sampled_keys(probe_keys, self.sample))[0]
+        if keep is not None:
+            outer = keep
+            keep = lambda probe, ordinal, ms: outer(np.take(chosen, probe), ordinal, ms)  # noqa: E731
+        probe, entries = self.inner.lookup(np.take(probe_keys, chosen), keep, max_held=self.max_bucket)
+        return np.take(chosen, probe), entries
+
+
+def sampled_keys(keys: np.ndarray, sample: int) -> np.ndarray:
+    """Which keys are in the 1-in-`sample` subset (a power of two) that discovery probes."""
+    if sample <= 1:
+        return np.ones(len(keys), dtype=bool)
+    mixed = np.asarray(keys, dtype=np.uint32) * np.uint32(0x9E3779B1)  # wraps: the high bits mix all of the key's
+    return (mixed >> np.uint32(32 - (sample.bit_length() - 1))) == 0
 
 
 def candidates(lookup: PrintLookup | RareKeys, fp_id: int, fp: Fingerprint) -> list[int]:
     """Fingerprints the lookup finds sharing a passage with this one (itself left out).
 
-    A long file is asked about window by window: the lookup verifies the few files with the most
+    A long file is aligned window by window: the lookup verifies the few files with the most
     collisions, and over a whole long file those are files that merely share common keys, not a
     short excerpt of it that shares one passage. Windows overlap by more than MIN_COVERED_SECONDS,
-    so any passage long enough to count lies wholly in one.
+    so any passage long enough to count lies wholly in one. The lookup itself is asked once, for
+    the whole file: its pre-filter keeps every file a window could align (a window's collisions
+    are some of the file's), and each window aligns the kept collisions its anchors start.
     """
+    tr = triplets(fp, NEAR, FAR, QUERY_WIDEN)
+    if len(tr) == 0:
+        return []
+    least = least_inliers(fp, DISCOVER_INLIERS)
+    rows, entries = collisions(lookup, tr, fp.short, least, DISCOVER_TABLE_BITS)
+    anchors = tr.t1[rows]
     found: set[int] = set()
-    for part in _windows(fp):
-        for a in match_fingerprint(lookup, part, near=NEAR, far=FAR, min_score=0.0, min_inliers=DISCOVER_INLIERS,
-                                   table_bits=DISCOVER_TABLE_BITS):
-            if a.fp_id != fp_id and dense_enough(a, part):
+    for start, end, part in _windows(fp):
+        sel = np.nonzero((anchors >= start) & (anchors < end))[0]
+        for a in align(tr, query_bins(part), rows[sel], entries[sel], min_inliers=least, min_score=0.0,
+                       bin_seconds=SHORT_BIN if fp.short else 1.0):
+            if a.fp_id != fp_id and dense_enough(a, part, DISCOVER_COVERED_SECONDS, DISCOVER_SHARE):
                 found.add(a.fp_id)
     return sorted(found)
 
 
-
-def _windows(fp: Fingerprint) -> list[Fingerprint]:
+def _windows(fp: Fingerprint) -> list[tuple[float, float, Fingerprint]]:
+    """(start, end, the peaks between) of each window of a long file; a short one is one window."""
     if fp.short or fp.duration <= WINDOW_SECONDS * 1.5:
-        return [fp]
+        return [(-np.inf, np.inf, fp)]
     out = []
     for start in np.arange(0.0, max(fp.duration - WINDOW_SECONDS, 0.0) + WINDOW_STEP, WINDOW_STEP):
         sel = (fp.times >= start) & (fp.times < start + WINDOW_SECONDS)
         if np.count_nonzero(sel) >= 3:
-            out.append(Fingerprint(fp.times[sel], fp.bands[sel], fp.strengths[sel], fp.duration, False))
+            out.append((float(start), float(start + WINDOW_SECONDS),
+                        Fingerprint(fp.times[sel], fp.bands[sel], fp.strengths[sel], fp.duration, False)))
     return out
 
 
@@ -299,9 +335,9 @@ def discovery_bucket(files: int) -> int:
     """The largest bucket probed when proposing pairs in a library of `files` fingerprints.
 
     A fixed cap keeps the cost per file flat but loses recall as buckets fill (generated
-    library, cap 32: recall 0.98 at 1,000 files, 0.75 at 3,000; cap 128 at 3,000: 0.96;
-    benchmarks/dupes.py and BENCHMARKS.md), so the cap grows with the library, at the price
-    of a cost per file that grows too. Past ~100,000 files the lookup's own MAX_BUCKET is the cap.
+    library of 100,000 files, one key in 4 probed: cap 32 found 0.45 of the planted pairs,
+    cap 100 0.94, cap 250 and more all of them; benchmarks/dupes.py and BENCHMARKS.md), so the
+    cap grows with the library, at the price of a cost per file that grows too.
     """
     return max(DISCOVER_BUCKET, files // FILES_PER_BUCKET_ENTRY)
 
@@ -310,7 +346,8 @@ class _BatchMatcher:
     """Matches fingerprints (by id) against the lookup, then each proposed pair on its own."""
 
     def __init__(self, store, lookup: PrintLookup, live: set[int]):
-        self.rare = RareKeys(lookup, discovery_bucket(len(live)))
+        bucket = discovery_bucket(len(live))
+        self.rare, self.every = RareKeys(lookup, bucket, DISCOVER_SAMPLE), RareKeys(lookup, bucket)
         self.live, self.cache = live, _PrintCache(store)
 
     def __call__(self, batch: list[int]) -> list[PairRow]:
@@ -320,7 +357,7 @@ class _BatchMatcher:
         fp = self.cache.get([fp_id]).get(fp_id)
         if fp is None:
             return []
-        found = [c for c in candidates(self.rare, fp_id, fp) if c in self.live]
+        found = [c for c in candidates(self.every if fp.short else self.rare, fp_id, fp) if c in self.live]
         others = self.cache.get(found)
         return [row for c in found if c in others and (row := match_pair(fp_id, fp, c, others[c])) is not None]
 

@@ -10,7 +10,8 @@ import numpy as np
 from ..audio import SAMPLE_RATE, decode, to_model_audio
 from ..collection import Collection
 from ..errors import AudioDecodeError
-from .fingerprint import QUERY_DENSITY, QUERY_FAR, QUERY_NEAR, QUERY_WIDEN, Fingerprint, fingerprint, query_keys, triplets
+from .fingerprint import (QUERY_DENSITY, QUERY_FAR, QUERY_NEAR, QUERY_WIDEN, Fingerprint, Triplets, fingerprint,
+                          query_keys, triplets)
 from .lookup import PrintLookup
 from .verify import MIN_INLIERS, MIN_SCORE, PLAUSIBLE_TABLE_BITS, Alignment, align, plausible
 
@@ -136,22 +137,33 @@ def match_fingerprint(lookup: PrintLookup, fp: Fingerprint, *, min_inliers: int 
     tr = triplets(fp, near, far, widen)
     if len(tr) == 0:
         return []
-    probe_keys, rows = query_keys(tr, fp.short)
-    least = _min_inliers(fp, min_inliers)
+    least = least_inliers(fp, min_inliers)
+    rows, entries = collisions(lookup, tr, fp.short, least, table_bits)
+    return align(tr, query_bins(fp), rows, entries, min_inliers=least, min_score=min_score,
+                 bin_seconds=SHORT_BIN if fp.short else 1.0)
+
+
+def collisions(lookup: PrintLookup, tr: Triplets, short: bool, least: int,
+               table_bits: int = PLAUSIBLE_TABLE_BITS) -> tuple[np.ndarray, np.ndarray]:
+    """(query triplet of each collision, the stored entry), of the files that could align `least` of them."""
+    probe_keys, rows = query_keys(tr, short)
     probe_times = tr.t1[rows]
 
     def candidates_only(probe: np.ndarray, ordinal: np.ndarray, ms: np.ndarray) -> np.ndarray:
         return plausible(ordinal, ms / 1000.0 - np.take(probe_times, probe), least, table_bits)  # the lag `align` bins
 
     probe, entries = lookup.lookup(probe_keys, keep=candidates_only)
-    bin_seconds = SHORT_BIN if fp.short else 1.0  # a clip under 2 s is scored by 50 ms, not by the second
-    bins = np.unique(np.floor(fp.times / bin_seconds).astype(np.int64))
-    return align(tr, bins, rows[probe], entries, min_inliers=least, min_score=min_score, bin_seconds=bin_seconds)
+    return rows[probe], entries
+
+
+def query_bins(fp: Fingerprint) -> np.ndarray:
+    """The time bins holding the query's peaks, which a score counts: 50 ms for a clip under 2 s, else 1 s."""
+    return np.unique(np.floor(fp.times / (SHORT_BIN if fp.short else 1.0)).astype(np.int64))
 
 
 SHORT_BIN = 0.05
 
 
-def _min_inliers(fp: Fingerprint, default: int) -> int:
+def least_inliers(fp: Fingerprint, default: int) -> int:
     """A clip of a fraction of a second holds few triplets: ask for fewer, all of them aligned."""
     return default if not fp.short else max(4, min(default, int(len(fp) // 4)))
