@@ -135,7 +135,8 @@ def plausible(group: np.ndarray, lag: np.ndarray, min_count: int, max_bits: int 
     group = group.astype(np.uint32, copy=False)  # 32-bit products wrap, but keep their low bits: all the cell needs
     cell = (group * np.uint32(_CELL_HASH) + np.floor(lag / CANDIDATE_BIN).astype(np.int32).view(np.uint32)) & np.uint32(mask)
     # capped at min_count (enough is enough) in 16 bits: the sums below then stay small, and cheap to make
-    counts = np.minimum(np.bincount(cell, minlength=mask + 1), min_count).astype(np.uint16)
+    counts = np.minimum(np.bincount(cell, minlength=mask + 1), min_count, out=np.empty(mask + 1, np.uint16),
+                        casting="unsafe")
     wrapped = np.concatenate([counts[-1:], counts, counts[:1]])  # cell - 1 and cell + 1 wrap, as the hash does
     enough = counts + np.maximum(wrapped[:-2], wrapped[2:]) >= min_count  # per cell, with either neighbour
     groups = np.zeros(mask + 1, dtype=bool)
