@@ -274,9 +274,10 @@ def _library(index: Path, tasks: list[tuple], args: argparse.Namespace) -> float
     """Generate the library into `index` (or copy the one kept in --library); its seconds of audio."""
     plan = {"files": len(tasks), "planted": args.planted, "seed": args.seed}
     kept = args.library / "plan.json" if args.library else None
-    if kept is not None and kept.exists() and json.loads(kept.read_text())["plan"] == plan:
+    saved = json.loads(kept.read_text()) if kept is not None and kept.exists() else {}
+    if saved.get("plan") == plan:
         shutil.copytree(args.library / "index", index)
-        audio = json.loads(kept.read_text())["audio"]
+        audio = saved["audio"]
         print(f"reused the library kept in {args.library} ({len(tasks)} files, {audio / 3600:.1f} h)")
         return audio
     t = time.perf_counter()

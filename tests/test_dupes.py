@@ -141,6 +141,7 @@ def test_discovery_probes_one_key_in_four_with_the_probes_own_indices():
     probe_keys, _ = query_keys(triplets(prints[2]), False)
     stored = keys(triplets(prints[1]), False)
     assert 0.2 < sampled_keys(stored, 4).mean() < 0.3 and sampled_keys(stored, 1).all()
+    assert sampled_keys(keys(triplets(fingerprint(syn.tone(880, 0.3))), True), 4).all()  # a blip's keys: all
 
     seen = []
     probe, entries = RareKeys(lookup, 4096, sample=4).lookup(

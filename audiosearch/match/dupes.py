@@ -36,9 +36,9 @@ import numpy as np
 
 from ..audio import file_format
 from ..collection import Collection
-from .fingerprint import FAR, KEYS_VERSION, NEAR, QUERY_WIDEN, VERSION, Fingerprint, triplets
+from .fingerprint import FAR, KEYS_VERSION, NEAR, QUERY_WIDEN, SHORT_KEY, VERSION, Fingerprint, triplets
 from .lookup import Keep, PrintLookup, entries_of, sorted_run
-from .matcher import SHORT_BIN, collisions, least_inliers, match_fingerprint, query_bins
+from .matcher import SHORT_BIN, collisions, least_inliers, match_fingerprint, query_bins, score_bin
 from .verify import MIN_SCORE, Alignment, align
 
 KINDS = ("whole", "contained", "partial")
@@ -198,11 +198,13 @@ class RareKeys:
 
 
 def sampled_keys(keys: np.ndarray, sample: int) -> np.ndarray:
-    """Which keys are in the 1-in-`sample` subset (a power of two) that discovery probes."""
+    """Which keys are in the 1-in-`sample` subset (a power of two) that discovery probes; every key of
+    a sub-2-second print is (SHORT_KEY): a click holds too few triplets to be sampled."""
+    keys = np.asarray(keys, dtype=np.uint32)
     if sample <= 1:
         return np.ones(len(keys), dtype=bool)
-    mixed = np.asarray(keys, dtype=np.uint32) * np.uint32(0x9E3779B1)  # wraps: the high bits mix all of the key's
-    return (mixed >> np.uint32(32 - (sample.bit_length() - 1))) == 0
+    mixed = keys * np.uint32(0x9E3779B1)  # wraps: the high bits mix all of the key's
+    return ((mixed >> np.uint32(32 - (sample.bit_length() - 1))) == 0) | ((keys & np.uint32(SHORT_KEY)) != 0)
 
 
 def candidates(lookup: PrintLookup | RareKeys, fp_id: int, fp: Fingerprint) -> list[int]:
@@ -225,7 +227,7 @@ def candidates(lookup: PrintLookup | RareKeys, fp_id: int, fp: Fingerprint) -> l
     for start, end, part in _windows(fp):
         sel = np.nonzero((anchors >= start) & (anchors < end))[0]
         for a in align(tr, query_bins(part), rows[sel], entries[sel], min_inliers=least, min_score=0.0,
-                       bin_seconds=SHORT_BIN if fp.short else 1.0):
+                       bin_seconds=score_bin(fp)):
             if a.fp_id != fp_id and dense_enough(a, part, DISCOVER_COVERED_SECONDS, DISCOVER_SHARE):
                 found.add(a.fp_id)
     return sorted(found)
@@ -346,8 +348,7 @@ class _BatchMatcher:
     """Matches fingerprints (by id) against the lookup, then each proposed pair on its own."""
 
     def __init__(self, store, lookup: PrintLookup, live: set[int]):
-        bucket = discovery_bucket(len(live))
-        self.rare, self.every = RareKeys(lookup, bucket, DISCOVER_SAMPLE), RareKeys(lookup, bucket)
+        self.rare = RareKeys(lookup, discovery_bucket(len(live)), DISCOVER_SAMPLE)
         self.live, self.cache = live, _PrintCache(store)
 
     def __call__(self, batch: list[int]) -> list[PairRow]:
@@ -357,7 +358,7 @@ class _BatchMatcher:
         fp = self.cache.get([fp_id]).get(fp_id)
         if fp is None:
             return []
-        found = [c for c in candidates(self.every if fp.short else self.rare, fp_id, fp) if c in self.live]
+        found = [c for c in candidates(self.rare, fp_id, fp) if c in self.live]
         others = self.cache.get(found)
         return [row for c in found if c in others and (row := match_pair(fp_id, fp, c, others[c])) is not None]
 

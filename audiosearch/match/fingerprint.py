@@ -430,6 +430,7 @@ def _empty_triplets() -> Triplets:
 # Key layout, low to high: ratio (3 bits) | gap2 (6) | gap3 (6) | span (5) | octave (3) | short (1)
 _FIELDS = (("ratio", RATIO_LEVELS), ("gap2", GAP_LEVELS), ("gap3", GAP_LEVELS), ("span", 32), ("octave", 8), ("short", 2))
 KEY_BITS = sum(int(levels - 1).bit_length() for _, levels in _FIELDS)
+SHORT_KEY = 1 << (KEY_BITS - 1)  # the "short" field (last, one bit): set in the keys of sub-2-second prints
 
 
 def _coordinates(tr: Triplets) -> dict[str, np.ndarray]:

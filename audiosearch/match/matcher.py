@@ -140,7 +140,7 @@ def match_fingerprint(lookup: PrintLookup, fp: Fingerprint, *, min_inliers: int 
     least = least_inliers(fp, min_inliers)
     rows, entries = collisions(lookup, tr, fp.short, least, table_bits)
     return align(tr, query_bins(fp), rows, entries, min_inliers=least, min_score=min_score,
-                 bin_seconds=SHORT_BIN if fp.short else 1.0)
+                 bin_seconds=score_bin(fp))
 
 
 def collisions(lookup: PrintLookup, tr: Triplets, short: bool, least: int,
@@ -157,8 +157,13 @@ def collisions(lookup: PrintLookup, tr: Triplets, short: bool, least: int,
 
 
 def query_bins(fp: Fingerprint) -> np.ndarray:
-    """The time bins holding the query's peaks, which a score counts: 50 ms for a clip under 2 s, else 1 s."""
-    return np.unique(np.floor(fp.times / (SHORT_BIN if fp.short else 1.0)).astype(np.int64))
+    """The time bins (of `score_bin`) holding the query's peaks, which a score counts."""
+    return np.unique(np.floor(fp.times / score_bin(fp)).astype(np.int64))
+
+
+def score_bin(fp: Fingerprint) -> float:
+    """Seconds per bin of a score: 50 ms for a clip under 2 s, else 1 s."""
+    return SHORT_BIN if fp.short else 1.0
 
 
 SHORT_BIN = 0.05
