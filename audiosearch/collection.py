@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 
 from .audio import SAMPLE_RATE, SEGMENT_SECONDS
 from .errors import IndexLocked, IndexWriteError, ModelMismatch
+from .heap import keep_freed_memory
 from .index import IndexCorrupt, IndexOptions, SyncReport, VectorIndex, sync_index
+from .locks import FileLock
 from .match import lookup as print_lookup
 from .match.lookup import LookupCorrupt, PrintLookup
-from .locks import FileLock
 from .store import Store
 
 if TYPE_CHECKING:
@@ -183,7 +184,12 @@ class Collection:
 
     # -- the print lookup index (derived from the fingerprints, like the FAISS file) ----------
     def load_prints(self) -> PrintLookup:
-        """The print lookup as of the last commit; brought up to date from SQLite (in memory) when stale."""
+        """The print lookup as of the last commit; brought up to date from SQLite (in memory) when stale.
+
+        Whoever loads it matches with it: a lookup's temporaries are large and of the same sizes
+        each time, so the heap keeps them (see heap.py).
+        """
+        keep_freed_memory()
         lookup = self._read_prints()
         with self.store.snapshot():
             generation = self.store.generation

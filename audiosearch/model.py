@@ -9,7 +9,6 @@ the sigmoid of the head's logits over the checkpoint's `id2label`.
 from __future__ import annotations
 
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
+from .heap import keep_freed_memory
 from .logmel import FeatureConfig, LogMel
 from .model_ref import DEFAULT_MODEL, check_model_available, model_reference
 
@@ -237,38 +237,6 @@ class Model:
     def _autocast(self):
         dtype = _DTYPES.get(self.precision)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None and dtype != self.dtype)
-
-
-_MALLOC_TUNED = False
-
-
-def keep_freed_memory() -> None:
-    """Let glibc reuse freed activation memory instead of unmapping it.
-
-    glibc serves allocations over its mmap threshold (at most 32 MiB, adjusted on the fly)
-    with fresh mmaps and returns them to the OS when freed, and trims the heap top above
-    128 KiB: a CPU forward pass then page-faults every large activation afresh, each batch.
-    On a 2-core AMX Xeon that was ~24% of a bf16 AST forward's time at batch 8 and ~6% at
-    batch 4 (BENCHMARKS.md). Raising both thresholds keeps the memory in the
-    heap for the next batch, for ~100 MB more peak RSS. Process-wide, once; skipped off glibc or
-    when the MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ environment variables are set.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
-        return
-    _MALLOC_TUNED = True
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
-        return
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, ctypes.c_int(1 << 30))
-    mallopt(m_trim_threshold, ctypes.c_int(1 << 30))
 
 
 def _load(name_or_path: str):

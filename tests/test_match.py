@@ -167,7 +167,7 @@ def test_packed_entries_keep_what_verification_reads():
 def test_plausible_keeps_every_collision_of_every_candidate():
     """The pre-filter may keep too much, never too little: each file that `align` could verify
     (enough collisions at one lag) keeps all its collisions, at any lag; chance ones mostly go."""
-    from audiosearch.match.verify import _consistent_counts, plausible
+    from audiosearch.match.verify import _consistent_counts, lag_bins, plausible
     rng = np.random.default_rng(0)
     files = rng.integers(0, 200_000, 300_000)
     lags = rng.uniform(-20, 60, len(files))
@@ -177,8 +177,10 @@ def test_plausible_keeps_every_collision_of_every_candidate():
         planted.append((f, at + rng.normal(0, 0.3, 14 + i % 3), rng.uniform(-20, 60, 5)))
     group = np.concatenate([files] + [np.full(len(a) + len(b), f) for f, a, b in planted])
     lag = np.concatenate([lags] + [np.concatenate([a, b]) for _, a, b in planted])
-    kept = plausible(group, lag, 14)
-    ids, counts = _consistent_counts(group[np.argsort(group, kind="stable")], lag[np.argsort(group, kind="stable")])
+    lag_bin = lag_bins(np.round((lag + 30) * 1000), np.full(len(lag), 30_000))  # library ms >= 0, as stored
+    kept = plausible(group, lag_bin, 14)
+    by_file = np.argsort(group, kind="stable")
+    ids, counts = _consistent_counts(group[by_file], lag_bin[by_file])
     must = np.isin(group, ids[counts >= 14])
     assert must.sum() >= 40 * 19 and np.all(kept[must])
     assert kept.mean() < 0.01

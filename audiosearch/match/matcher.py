@@ -13,7 +13,7 @@ from ..errors import AudioDecodeError
 from .fingerprint import (QUERY_DENSITY, QUERY_FAR, QUERY_NEAR, QUERY_WIDEN, Fingerprint, Triplets, fingerprint,
                           query_keys, triplets)
 from .lookup import PrintLookup
-from .verify import MIN_INLIERS, MIN_SCORE, PLAUSIBLE_TABLE_BITS, Alignment, align, plausible
+from .verify import MIN_INLIERS, MIN_SCORE, PLAUSIBLE_TABLE_BITS, Alignment, align, lag_bins, plausible
 
 
 @dataclass(frozen=True)
@@ -147,10 +147,10 @@ def collisions(lookup: PrintLookup, tr: Triplets, short: bool, least: int,
                table_bits: int = PLAUSIBLE_TABLE_BITS) -> tuple[np.ndarray, np.ndarray]:
     """(query triplet of each collision, the stored entry), of the files that could align `least` of them."""
     probe_keys, rows = query_keys(tr, short)
-    probe_times = tr.t1[rows]
+    probe_ms = np.round(tr.t1 * 1000).astype(np.int32)[rows]
 
     def candidates_only(probe: np.ndarray, ordinal: np.ndarray, ms: np.ndarray) -> np.ndarray:
-        return plausible(ordinal, ms / 1000.0 - np.take(probe_times, probe), least, table_bits)  # the lag `align` bins
+        return plausible(ordinal, lag_bins(ms, np.take(probe_ms, probe)), least, table_bits)  # as `align` bins them
 
     probe, entries = lookup.lookup(probe_keys, keep=candidates_only)
     return rows[probe], entries
