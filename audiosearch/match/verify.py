@@ -67,7 +67,6 @@ def align(query: Triplets, query_bins: np.ndarray, probe_rows: np.ndarray, entri
     if len(entries) == 0:
         return []
     q_t = query.t1[probe_rows]
-    q_ms = np.round(q_t * 1000).astype(np.int64)  # peak times are whole ms (8 or 32 ms frames)
     q_span = query.span[probe_rows]
     q_b = query.b1[probe_rows]
     r_t = entries["ms"] / 1000.0
@@ -83,7 +82,7 @@ def align(query: Triplets, query_bins: np.ndarray, probe_rows: np.ndarray, entri
     by_file = np.argsort(fp, kind="stable")
     rows, fp = rows[by_file], fp[by_file]
     q_t, r_t, ratio, pitch_bands, q_span = q_t[rows], r_t[rows], ratio[rows], pitch_bands[rows], q_span[rows]
-    fps, counts = _consistent_counts(fp, lag_bins(entries["ms"][rows], q_ms[rows]))
+    fps, counts = _consistent_counts(fp, lag_bins(entries["ms"][rows], np.round(q_t * 1000)))  # peak times: whole ms
     order = np.argsort(-counts, kind="stable")[:CANDIDATES]
     best = fps[order][counts[order] >= min_inliers]
     out = []
@@ -135,7 +134,7 @@ def plausible(group: np.ndarray, lag_bin: np.ndarray, min_count: int, max_bits: 
     (a run's ordinals). The table has about 2 cells a collision, up to 2**max_bits: a bigger one
     costs more to fill and read but lets fewer files through by sharing a cell with a candidate.
     """
-    bits = min(max_bits, max(10, int(len(group)).bit_length() + 1))
+    bits = min(max_bits, max(10, len(group).bit_length() + 1))
     mask = (1 << bits) - 1
     group = group.astype(np.uint32, copy=False)  # 32-bit products wrap, but keep their low bits: all the cell needs
     cell = (group * np.uint32(_CELL_HASH) + lag_bin.astype(np.int32, copy=False).view(np.uint32)) & np.uint32(mask)
