@@ -13,6 +13,7 @@ import importlib.util
 import json
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,9 @@ def _open_command(path: str | Path) -> Opened:
 
 def _command_blocks(path: str | Path, channels: int) -> Generator[np.ndarray, None, None]:
     command = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-f", "f32le", "-"]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+    # Its messages go to a file, not a pipe: a damaged file can make ffmpeg write more than a pipe
+    # holds (64 KiB) before it writes the audio, and then both sides would wait for ever.
+    with tempfile.TemporaryFile() as messages, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=messages) as proc:
         try:
             frame = 4 * channels
             rest = b""
@@ -123,9 +126,17 @@ def _command_blocks(path: str | Path, channels: int) -> Generator[np.ndarray, No
                 data, rest = data[:cut], data[cut:]
                 if data:
                     yield np.frombuffer(data, dtype="<f4").reshape(-1, channels)
-            error = proc.stderr.read().decode(errors="replace").strip()
+            proc.wait()
+            error = _tail(messages)
         finally:
             if proc.poll() is None:  # stopped early: the rest is not wanted
                 proc.kill()
     if proc.returncode != 0:
         raise AudioDecodeError(f"not readable audio: {(error.splitlines() or ['ffmpeg failed'])[-1]}")
+
+
+def _tail(messages, size: int = 4096) -> str:
+    """The end of ffmpeg's messages (its last line says why it failed)."""
+    messages.seek(0, 2)
+    messages.seek(max(0, messages.tell() - size))
+    return messages.read().decode(errors="replace").strip()

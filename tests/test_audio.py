@@ -206,3 +206,48 @@ def test_a_signal_cut_as_it_arrives_gives_the_segments_of_the_whole():
         for s, (_, _, samples) in zip(got, want):
             np.testing.assert_array_equal(s.samples, samples)
         assert segment_count(n, hop) == len(want) == len(segment(x, hop))
+
+
+FAKE_FFPROBE = """#!/bin/sh
+echo '{"streams": [{"sample_rate": "16000", "channels": 1, "duration": "1.0"}]}'
+"""
+# Complains about every frame of a damaged file (256 KiB of messages, more than a pipe holds)
+# before it writes its audio: one second of a 440 Hz tone.
+FAKE_FFMPEG = """#!{python}
+import sys
+import numpy as np
+sys.stderr.write("[mp3float @ 0x1] Header missing\\n" * 8000)
+sys.stderr.flush()
+sys.stdout.buffer.write(np.sin(2 * np.pi * 440 * np.arange(16000) / 16000).astype("<f4").tobytes())
+"""
+
+
+def test_the_ffmpeg_command_may_say_more_than_a_pipe_holds(tmp_path, monkeypatch) -> None:
+    """Without PyAV, audio comes from the ffmpeg command: its messages must never block its audio."""
+    import builtins
+    import sys
+    import threading
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, script in (("ffprobe", FAKE_FFPROBE), ("ffmpeg", FAKE_FFMPEG.format(python=sys.executable))):
+        (bin_dir / name).write_text(script)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    real_import = builtins.__import__
+
+    def no_av(name, *args, **kwargs):
+        if name == "av":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_av)
+    clip = tmp_path / "damaged.m4a"
+    clip.write_bytes(b"not read by the fake ffmpeg")
+    decoded = []
+    worker = threading.Thread(target=lambda: decoded.append(decode(clip)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "decoding hung: ffmpeg's messages filled their pipe"
+    assert decoded[0].samples.shape == (16000,)
+    assert np.abs(decoded[0].samples).max() == pytest.approx(1.0, abs=1e-3)
