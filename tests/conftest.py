@@ -114,3 +114,18 @@ def tiny_model(tmp_path_factory, library) -> Path:
     syn.save_random_checkpoint(path, **TINY_CONFIG)
     set_discriminative_head(path, labelled_segments(library))
     return path
+
+
+@pytest.fixture
+def without_pyav(monkeypatch) -> None:
+    """`import av` fails, as on a machine without PyAV: decoding falls back to the ffmpeg command."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_av(name, *args, **kwargs):
+        if name == "av":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_av)

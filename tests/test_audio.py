@@ -222,9 +222,8 @@ sys.stdout.buffer.write(np.sin(2 * np.pi * 440 * np.arange(16000) / 16000).astyp
 """
 
 
-def test_the_ffmpeg_command_may_say_more_than_a_pipe_holds(tmp_path, monkeypatch) -> None:
+def test_the_ffmpeg_command_may_say_more_than_a_pipe_holds(tmp_path, monkeypatch, without_pyav) -> None:
     """Without PyAV, audio comes from the ffmpeg command: its messages must never block its audio."""
-    import builtins
     import sys
     import threading
 
@@ -234,14 +233,6 @@ def test_the_ffmpeg_command_may_say_more_than_a_pipe_holds(tmp_path, monkeypatch
         (bin_dir / name).write_text(script)
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
-    real_import = builtins.__import__
-
-    def no_av(name, *args, **kwargs):
-        if name == "av":
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_av)
     clip = tmp_path / "damaged.m4a"
     clip.write_bytes(b"not read by the fake ffmpeg")
     decoded = []

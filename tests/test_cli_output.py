@@ -357,21 +357,12 @@ def test_aac_and_webm_are_decoded_and_found(index, library, tmp_path, name, code
     assert hits[0]["path"] == str(library / "noise" / "white.flac")
 
 
-def test_container_without_ffmpeg_is_named(library, tiny_model, tmp_path, monkeypatch):
-    import builtins
-
+def test_container_without_ffmpeg_is_named(library, tiny_model, tmp_path, monkeypatch, request):
     import audiosearch.containers as containers
 
     lib = shutil.copytree(library / "tones", tmp_path / "lib")
-    encode(lib / "song.m4a", [0.1] * 16000, 16000, "aac")
-    real_import = builtins.__import__
-
-    def no_av(name, *args, **kwargs):
-        if name == "av":
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_av)
+    encode(lib / "song.m4a", [0.1] * 16000, 16000, "aac")  # with PyAV, before it is hidden
+    request.getfixturevalue("without_pyav")
     monkeypatch.setattr(containers.shutil, "which", lambda name: None)
     summary = json.loads(cli("ingest", lib, "--index", tmp_path / "idx", "--model", tiny_model, "--workers", "0",
                              "--json", code=3))
