@@ -141,6 +141,12 @@ def plan_recordings(seed: int, font: str) -> tuple[list[Job], list[Job]]:
         rel = f"{top}/{src.parent.name}-{src.name}"
         into.append(Job(rel, "package", f"pkg-{family}", lambda p, s=src: S.copy_package(s, p)))
 
+    # recorded music from installed packages: three in four tracks into the library, the rest outside
+    for src in S.recorded_music():
+        outside = zlib.crc32(f"{seed}:{src.name}".encode()) % 4 == 3
+        rel = f"{'outside' if outside else 'library'}/recorded/{src.stem}.wav"
+        (out if outside else lib).append(Job(rel, "recorded", f"rec-{src.stem}", lambda p, s=src: S.copy_recorded(s, p)))
+
     # backgrounds for mixing: babble (four voices at once) and music, neither in the library
     out.append(Job("outside/background/babble.wav", "background", "babble", lambda p: _babble(p, seed)))
     out.append(Job("outside/background/music.wav", "background", "music", lambda p: _bg_music(p, seed, font)))
@@ -192,7 +198,7 @@ class Query:
     query_end: float | None = None
     speed: float = 1.0
     pitch: float = 1.0
-    negative: str | None = None  # non-members: other_speaker, melody_replayed, other_take, unrelated, package
+    negative: str | None = None  # non-members: other_speaker, melody_replayed, other_take, unrelated, package, recorded
     related: list[str] | None = None  # library files alike on purpose (same text, melody, recipe)
     whole_file: bool = False
     origin: str | None = None  # the recording the query was cut from (for non-members, outside the library)
@@ -279,6 +285,8 @@ def build(out_dir: Path, *, seed: int = 11, per_edit: int = 20, jobs: int = 2) -
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     lib, outside = plan_recordings(seed, font)
+    if not any(j.kind == "recorded" for j in lib):
+        print(f"note: no recorded music is installed (apt-get install {S.RECORDED_PACKAGES}): the set has none")
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(lambda j: _make(out_dir, j), lib + outside))
     durations = {j.rel: duration(out_dir / j.rel) for j in lib + outside}

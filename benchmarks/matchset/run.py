@@ -302,7 +302,8 @@ def _median(xs: list[float], fmt: str = "{:.2f}") -> str:
     return fmt.format(statistics.median(xs)) if xs else "-"
 
 
-def summarize(queries: list[dict], systems: dict[str, dict[str, Outcome]]) -> dict:
+def summarize(queries: list[dict], systems: dict[str, dict[str, Outcome]], kinds: dict[str, str]) -> dict:
+    """Per row (edit and strength, or non-member kind), and hit@1 per kind of source recording."""
     rows: dict[str, list[dict]] = defaultdict(list)
     for q in queries:
         rows[q["row"]].append(q)
@@ -323,7 +324,24 @@ def summarize(queries: list[dict], systems: dict[str, dict[str, Outcome]]) -> di
             else:
                 entry[name] = {"false": sum(o.verdict for o in got), "n": len(got)}
         (members if qs[0]["member"] else nonmembers).append(entry)
-    return {"members": members, "nonmembers": nonmembers}
+    return {"members": members, "nonmembers": nonmembers, "kinds": by_kind(queries, systems, kinds)}
+
+
+def by_kind(queries: list[dict], systems: dict[str, dict[str, Outcome]], kinds: dict[str, str]) -> list[dict]:
+    """hit@1 over the excerpt rows' member queries, by the kind of their source (speech, music, synth, ...):
+    which sounds a system loses, whatever the edit."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for q in queries:
+        if q["member"] and not q["whole_file"]:
+            groups[kinds.get(q["source"], "?")].append(q)
+    out = []
+    for kind in sorted(groups):
+        entry = {"kind": kind, "n": len(groups[kind])}
+        for name, res in systems.items():
+            got = [res[q["query"]] for q in groups[kind] if q["query"] in res]
+            entry[name] = {"hits": sum(o.hit for o in got), "n": len(got)} if got else None
+        out.append(entry)
+    return out
 
 
 def render(summary: dict, systems: list[str], costs: dict, header: dict) -> str:
@@ -345,6 +363,15 @@ def render(summary: dict, systems: list[str], costs: dict, header: dict) -> str:
         if "fpcalc" in systems:
             f = e.get("fpcalc")
             cells += [f["hit@1"] if f else "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "hit@1 by the kind of the source recording (the excerpt rows above, all edits together):", ""]
+    names = [s for s in ("ours", "audfprint") if s in systems]
+    lines += ["| kind | n | " + " | ".join(names) + " |", "|" + "---|" * (2 + len(names))]
+    for e in summary["kinds"]:
+        cells = [e["kind"], str(e["n"])]
+        for s in names:
+            r = e.get(s)
+            cells.append(f"{r['hits'] / r['n']:.3f} ({r['hits']} / {r['n']})" if r else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "False duplicate verdicts on non-member queries:", ""]
     cols = ["non-member kind", "n", "ours"] + [s for s in ("audfprint", "fpcalc") if s in systems]
@@ -446,7 +473,7 @@ def run(set_dir: Path, audfprint: Path | None, audfprint_python: str, skip_synth
         costs = {k + " (unlocked: not a timing)" if ("ms" in k or "wall" in k) else k: v for k, v in costs.items()}
     header = {"machine": machine(), "set": f"{root} ({len(library)} library files, {hours:.2f} h; "
                                             f"{len(queries)} queries, seed {manifest['seed']})"}
-    summary = summarize(queries, systems)
+    summary = summarize(queries, systems, {f["path"]: f["kind"] for f in library})
     report = render(summary, list(systems), costs, header)
     print(report)
     versions = tool_versions()

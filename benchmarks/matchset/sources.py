@@ -1,4 +1,5 @@
-"""The library's recordings (and the audio kept out of it): speech, MIDI music, sox synthesis, package sounds.
+"""The library's recordings (and the audio kept out of it): speech, MIDI music, sox synthesis, package sounds,
+recorded music from packages.
 
 Every recipe takes its own seeded generator, so a set rebuilt with the same seed is the same set.
 Hard negatives are made on purpose: each speech passage is read by two library voices (and by a
@@ -270,12 +271,13 @@ def short(path: Path, recipe: str, rng: random.Random) -> None:
 
 # ----------------------------------------------------------------------------- package sounds
 PACKAGE_GLOBS = ("usr/share/sounds/freedesktop/stereo/*", "usr/share/sounds/alsa/*", "usr/share/sounds/sound-icons/*",
-                 "usr/share/sounds/Oxygen-*")
+                 "usr/share/sounds/Oxygen-*", "usr/share/games/frozen-bubble/snd/*", "usr/share/games/pingus/data/sounds/*")
 PACKAGE_EXT = (".wav", ".oga", ".ogg")
 
 
 def package_sounds() -> list[Path]:
-    """Recordings shipped by installed Debian packages (sound themes, alsa-utils, sound-icons), sorted.
+    """Recordings shipped by installed Debian packages (sound themes, alsa-utils, sound-icons, the sound
+    effects of two games), sorted; a game's music is left to `recorded_music`.
 
     Links and byte-identical copies (sound-icons ships both) are kept once.
     """
@@ -283,7 +285,7 @@ def package_sounds() -> list[Path]:
     seen: set[str] = set()
     for pattern in PACKAGE_GLOBS:
         for p in sorted(Path("/").glob(pattern)):
-            if p.suffix.lower() not in PACKAGE_EXT or not p.is_file():
+            if p.suffix.lower() not in PACKAGE_EXT or not p.is_file() or _is_music(p):
                 continue
             digest = hashlib.sha1(p.read_bytes()).hexdigest()
             if digest not in seen:
@@ -306,3 +308,32 @@ _VARIANT_WORDS = {"long", "short", "cink", "very", "serious", "critical"}
 
 def copy_package(src: Path, dest: Path) -> None:
     shutil.copyfile(src, dest)
+
+
+# ----------------------------------------------------------------------------- recorded music
+# Produced, recorded music shipped by Debian packages (wesnoth-1.16-music: orchestral soundtrack;
+# frozen-bubble-data: its themes): what a real library holds, and the one kind here that no
+# recipe of ours made. Other tracks of the same soundtrack are the hard negatives.
+RECORDED_GLOBS = ("usr/share/games/wesnoth/*/data/core/music/*.ogg", "usr/share/games/frozen-bubble/snd/*zik*.ogg")
+RECORDED_PACKAGES = "wesnoth-1.16-music frozen-bubble-data pingus-data"
+RECORDED_SECONDS = 180  # of each track: the library stays a couple of hours
+RECORDED_SKIP = {"silence.ogg"}  # wesnoth's 10 s of digital silence, played between tracks
+
+
+def _is_music(path: Path) -> bool:
+    return any(path.match("/" + g) for g in RECORDED_GLOBS)
+
+
+def recorded_music() -> list[Path]:
+    """The recorded music tracks installed, sorted (none without the packages: the set is smaller)."""
+    return sorted(p for g in RECORDED_GLOBS for p in Path("/").glob(g) if p.is_file() and p.name not in RECORDED_SKIP)
+
+
+def copy_recorded(src: Path, dest: Path) -> None:
+    """The track's first RECORDED_SECONDS, mono, silence trimmed from both ends (a query is never silence)."""
+    raw = dest.with_suffix(".raw.wav")
+    run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(src), "-t", str(RECORDED_SECONDS), "-ac", "1",
+         "-ar", str(RATE), str(raw)])
+    run(["sox", str(raw), str(dest), "silence", "1", "0.02", "0.1%", "reverse", "silence", "1", "0.05", "0.1%",
+         "reverse"])
+    raw.unlink()

@@ -13,7 +13,7 @@ SOUNDFONTS = ("/usr/share/sounds/sf2/FluidR3_GM.sf2", "/usr/share/sounds/sf2/def
 # tool -> Debian package that provides it
 BUILD_TOOLS = {"sox": "sox libsox-fmt-all", "ffmpeg": "ffmpeg", "espeak-ng": "espeak-ng", "fluidsynth": "fluidsynth"}
 INSTALL_HINT = ("apt-get install -y sox libsox-fmt-all ffmpeg espeak-ng fluidsynth fluid-soundfont-gm "
-                "libchromaprint-tools sound-theme-freedesktop")
+                "libchromaprint-tools sound-theme-freedesktop wesnoth-1.16-music frozen-bubble-data pingus-data")
 
 
 def require_build_tools() -> str:
