@@ -169,6 +169,10 @@ def make_tune(rng: random.Random, beats_min: float) -> Tune:
     return Tune(melody, bass, drums, start)
 
 
+# SoX effects that cut the silence (under 0.1 % of full scale) from both ends of a recording.
+TRIM_SILENCE = ("silence", "1", "0.02", "0.1%", "reverse", "silence", "1", "0.05", "0.1%", "reverse")
+
+
 def music(path: Path, tune: Tune, program: int, bass_program: int, bpm: float, font: str,
           rng: random.Random, accompanied: bool, drums: bool = True) -> None:
     """Render a tune with fluidsynth: one instrument for the melody, optional bass and drums."""
@@ -179,8 +183,7 @@ def music(path: Path, tune: Tune, program: int, bass_program: int, bpm: float, f
     write_midi(str(mid), parts, bpm)
     raw = path.with_suffix(".fs.wav")
     run(["fluidsynth", "-ni", "-q", "-g", f"{rng.uniform(0.5, 0.9):.2f}", "-r", str(RATE), "-F", str(raw), font, str(mid)])
-    run(["sox", str(raw), "-c", "1", str(path), "silence", "1", "0.02", "0.1%", "reverse", "silence", "1", "0.05", "0.1%",
-         "reverse", "pad", "0.2", "0.5"])
+    run(["sox", str(raw), "-c", "1", str(path), *TRIM_SILENCE, "pad", "0.2", "0.5"])
     raw.unlink()
     mid.unlink()
 
@@ -315,7 +318,7 @@ def copy_package(src: Path, dest: Path) -> None:
 # frozen-bubble-data: its themes): what a real library holds, and the one kind here that no
 # recipe of ours made. Other tracks of the same soundtrack are the hard negatives.
 RECORDED_GLOBS = ("usr/share/games/wesnoth/*/data/core/music/*.ogg", "usr/share/games/frozen-bubble/snd/*zik*.ogg")
-RECORDED_PACKAGES = "wesnoth-1.16-music frozen-bubble-data pingus-data"
+RECORDED_PACKAGES = "wesnoth-1.16-music frozen-bubble-data"  # (pingus-data adds sound effects only)
 RECORDED_SECONDS = 180  # of each track: the library stays a couple of hours
 RECORDED_SKIP = {"silence.ogg"}  # wesnoth's 10 s of digital silence, played between tracks
 
@@ -334,6 +337,5 @@ def copy_recorded(src: Path, dest: Path) -> None:
     raw = dest.with_suffix(".raw.wav")
     run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(src), "-t", str(RECORDED_SECONDS), "-ac", "1",
          "-ar", str(RATE), str(raw)])
-    run(["sox", str(raw), str(dest), "silence", "1", "0.02", "0.1%", "reverse", "silence", "1", "0.05", "0.1%",
-         "reverse"])
+    run(["sox", str(raw), str(dest), *TRIM_SILENCE])
     raw.unlink()
